@@ -1,0 +1,132 @@
+"""Reading and writing the safetensors format without pickle and without a framework.
+
+Our own reader (the format is an 8-byte header length, a JSON header and raw little-endian
+data) because numpy has no bfloat16 and because a truncated or foreign file must give a
+one-line error that names the file, not a Rust panic. Tensors are read lazily via mmap so a
+7 GB checkpoint is never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from pathlib import Path
+from typing import Dict, Iterator, Mapping, Optional, Tuple
+
+import numpy as np
+
+from gm.checkpoint.errors import CheckpointError
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile(Mapping[str, np.ndarray]):
+    """A read-only mapping ``name -> np.ndarray`` over one ``.safetensors`` file.
+
+    bfloat16 tensors are returned as float32 (exact). Indexing reads that one tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            header_len = int.from_bytes(head, "little")
+            if header_len <= 1 or header_len > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{self.path}: not a safetensors file (bad header length {header_len})")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointError(f"{self.path}: not a safetensors file (header is not JSON: {err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: not a safetensors file (header is not a JSON object)")
+        self.metadata: Dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        data_size = size - self._data_start
+        self._entries: Dict[str, Tuple[str, Tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: corrupt header entry for '{name}'") from None
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype}")
+            if end > data_size:
+                raise CheckpointError(
+                    f"{self.path}: file is truncated ({size} bytes; tensor '{name}' ends at "
+                    f"{self._data_start + end}); download or copy it again")
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize:
+                raise CheckpointError(f"{self.path}: tensor '{name}' size does not match its shape {shape}")
+            self._entries[name] = (dtype, shape, begin, end)
+        self._map: Optional[mmap.mmap] = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape, begin, end = self._entries[name]
+        if end == begin:
+            return np.zeros(shape, dtype=np.float32 if dtype == "BF16" else _DTYPES[dtype])
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        raw = np.frombuffer(self._map, dtype=_DTYPES[dtype], count=(end - begin) // np.dtype(_DTYPES[dtype]).itemsize,
+                            offset=self._data_start + begin).reshape(shape)
+        if dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.copy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype name (``F32``, ``F16``, ``BF16``, ...)."""
+        return self._entries[name][0]
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                     metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write ``tensors`` (numpy arrays) atomically: a crash mid-write never leaves a half file."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+              metadata=dict(metadata) if metadata else None)
+    os.replace(tmp, path)
+
+
+class MergedSource(Mapping[str, np.ndarray]):
+    """Several safetensors files (e.g. shards of one diffusers component) seen as one mapping."""
+
+    def __init__(self, files: list[SafetensorsFile]):
+        self._where: Dict[str, SafetensorsFile] = {}
+        for f in files:
+            for name in f:
+                if name in self._where:
+                    raise CheckpointError(f"{f.path}: key '{name}' also in {self._where[name].path}")
+                self._where[name] = f
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._where[name][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return self._where[name].shape(name)

@@ -1,0 +1,311 @@
+"""The KL autoencoder's encoder and decoder (SDXL's VAE), with Stability's ``sgm`` parameter names.
+
+Layout and names follow ``sgm.modules.diffusionmodules.model`` (the official single-file keys
+``first_stage_model.encoder.down.0.block.0.norm1.weight`` ... are our parameter names), math
+follows the same module: GroupNorm(32, eps 1e-6), SiLU, ResNet blocks without a time embedding,
+single-head spatial self-attention with 1x1-conv projections, a downsample that pads
+right/bottom by one before a stride-2 3x3 conv, a nearest x2 upsample followed by a 3x3 conv.
+
+Speed on the CPU target (every training image is encoded there): the attention's q/k/v are run
+as one matmul over weights concatenated per call, its 1/sqrt(C) scale is folded into the q
+weights (C*C multiplies instead of (HW)^2), and no op works on an (HW, HW) matrix beyond the
+two products and the softmax.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from mindspore import Tensor, nn, ops
+
+from gm.modules.layers import Conv2d, GroupNorm, Identity, optional
+
+VAE_NORM_EPS = 1e-6  # sgm's Normalize(); not GroupNorm's default 1e-5
+
+
+def normalize(channels: int) -> GroupNorm:
+    """The VAE's normalisation layer: GroupNorm with 32 groups and eps 1e-6."""
+    return GroupNorm(32, channels, eps=VAE_NORM_EPS)
+
+
+def _pointwise(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """1x1 convolution of ``x`` (B, I, L) with ``weight`` (O, I) and ``bias`` (O,) -> (B, O, L)."""
+    return ops.matmul(weight, x) + bias.reshape(1, -1, 1)
+
+
+class ResnetBlock(nn.Cell):
+    """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> dropout -> conv2, plus the (projected) input.
+
+    Args:
+        in_channels, out_channels: channel counts; a 1x1 ``nin_shortcut`` projects the input when
+            they differ (sgm's ``conv_shortcut=False`` case, the only one SDXL uses).
+        dropout: dropout probability between the convolutions (active only in training mode).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.norm1 = normalize(in_channels)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = normalize(out_channels)
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else Identity()
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.has_shortcut = in_channels != out_channels
+        self.nin_shortcut = Conv2d(in_channels, out_channels, 1) if self.has_shortcut else Identity()
+
+    def construct(self, x: Tensor) -> Tensor:
+        """(B, in, H, W) -> (B, out, H, W)."""
+        h = self.conv1(ops.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(ops.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Cell):
+    """Single-head self-attention over all H*W positions, with 1x1-conv q/k/v/proj_out, residual."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.norm = normalize(in_channels)
+        self.q = Conv2d(in_channels, in_channels, 1)
+        self.k = Conv2d(in_channels, in_channels, 1)
+        self.v = Conv2d(in_channels, in_channels, 1)
+        self.proj_out = Conv2d(in_channels, in_channels, 1)
+        self.scale = in_channels ** -0.5
+
+    def construct(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        b, c, height, width = x.shape
+        h = self.norm(x).reshape(b, c, height * width)  # (B, C, L)
+        # one (3C, C) matmul instead of three; the score scale rides on the q projection
+        w_qkv = ops.cat((self.q.weight.reshape(c, c) * self.scale, self.k.weight.reshape(c, c),
+                         self.v.weight.reshape(c, c)), 0)
+        b_qkv = ops.cat((self.q.bias * self.scale, self.k.bias, self.v.bias), 0)
+        qkv = _pointwise(h, w_qkv, b_qkv)  # (B, 3C, L)
+        q, k, v = ops.split(qkv, c, axis=1)  # each (B, C, L)
+        scores = ops.matmul(q.swapaxes(1, 2), k)  # (B, L_q, L_k)
+        weights = ops.softmax(scores, axis=-1)
+        out = ops.matmul(v, weights.swapaxes(1, 2))  # (B, C, L_q)
+        out = _pointwise(out, self.proj_out.weight.reshape(c, c), self.proj_out.bias)
+        return x + out.reshape(b, c, height, width)
+
+
+class Downsample(nn.Cell):
+    """Halve H and W: zero-pad right and bottom by one, then a 3x3 conv with stride 2 (sgm's layout)."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.conv = Conv2d(in_channels, in_channels, 3, stride=2, padding=0)
+
+    def construct(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2)."""
+        return self.conv(ops.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Cell):
+    """Double H and W: nearest-neighbour repeat, then a 3x3 conv."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.conv = Conv2d(in_channels, in_channels, 3, padding=1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
+        b, c, h, w = x.shape
+        # nearest x2 as one broadcast: each pixel becomes a 2x2 patch
+        x = ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
+        return self.conv(x)
+
+
+class _Level(nn.Cell):
+    """One resolution level: ``block`` (ResnetBlocks) and ``attn`` (AttnBlocks, usually empty)."""
+
+    def __init__(self, blocks: list, attns: list):
+        super().__init__()
+        self.block = nn.CellList(blocks)
+        self.attn = nn.CellList(attns)
+        self.has_attn = bool(attns)
+
+    def _blocks(self, x: Tensor) -> Tensor:
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if self.has_attn:
+                x = self.attn[i](x)
+        return x
+
+
+class _DownLevel(_Level):
+    """Encoder level: blocks, then ``downsample`` (an Identity on the last level)."""
+
+    def __init__(self, blocks: list, attns: list, downsample: nn.Cell | None):
+        super().__init__(blocks, attns)
+        self.downsample = optional(downsample)
+
+    def construct(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H/2, W/2), or (B, C_out, H, W) on the last level."""
+        return self.downsample(self._blocks(x))
+
+
+class _UpLevel(_Level):
+    """Decoder level: blocks, then ``upsample`` (an Identity on level 0)."""
+
+    def __init__(self, blocks: list, attns: list, upsample: nn.Cell | None):
+        super().__init__(blocks, attns)
+        self.upsample = optional(upsample)
+
+    def construct(self, x: Tensor) -> Tensor:
+        """(B, C_in, h, w) -> (B, C_out, 2h, 2w), or (B, C_out, h, w) on level 0."""
+        return self.upsample(self._blocks(x))
+
+
+class _Mid(nn.Cell):
+    """``block_1`` -> ``attn_1`` -> ``block_2`` at the lowest resolution."""
+
+    def __init__(self, channels: int, dropout: float):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels, dropout)
+
+    def construct(self, x: Tensor) -> Tensor:
+        """(B, C, h, w) -> (B, C, h, w)."""
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+def _check_attn_type(attn_type: str, use_linear_attn: bool) -> None:
+    if attn_type != "vanilla" or use_linear_attn:
+        raise ValueError(f"attn_type='{attn_type}', use_linear_attn={use_linear_attn}: only the vanilla "
+                         "attention of SDXL's VAE is implemented; set attn_type: vanilla")
+
+
+class Encoder(nn.Cell):
+    """Image (B, in_channels, H, W) -> moments (B, 2*z_channels, H/f, W/f), f = 2^(len(ch_mult)-1).
+
+    Args follow sgm's ``ddconfig``: ``ch`` base width, ``ch_mult`` width per level,
+    ``num_res_blocks`` per level, ``attn_resolutions`` resolutions (relative to ``resolution``)
+    that get attention after each block, ``double_z`` to output mean and logvar.
+    """
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        ch_mult: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int] = (),
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        in_channels: int,
+        resolution: int,
+        z_channels: int,
+        double_z: bool = True,
+        use_linear_attn: bool = False,
+        attn_type: str = "vanilla",
+        out_ch: int | None = None,
+    ):
+        super().__init__()
+        _check_attn_type(attn_type, use_linear_attn)
+        if not resamp_with_conv:
+            raise ValueError("resamp_with_conv=False (average-pool downsampling) is not used by SDXL; set it True")
+        del out_ch  # part of the shared ddconfig, used by the decoder only
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
+        in_mult = (1,) + tuple(ch_mult)
+        levels = []
+        res = resolution
+        block_in = ch
+        for i in range(self.num_resolutions):
+            block_in, block_out = ch * in_mult[i], ch * ch_mult[i]
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if res in attn_resolutions:
+                    attns.append(AttnBlock(block_in))
+            last = i == self.num_resolutions - 1
+            levels.append(_DownLevel(blocks, attns, None if last else Downsample(block_in)))
+            if not last:
+                res //= 2
+        self.down = nn.CellList(levels)
+        self.mid = _Mid(block_in, dropout)
+        self.norm_out = normalize(block_in)
+        self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
+
+    def construct(self, x: Tensor) -> Tensor:
+        """(B, in_channels, H, W) -> (B, 2*z_channels, H/f, W/f)."""
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(ops.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Cell):
+    """Latent (B, z_channels, h, w) -> image (B, out_ch, h*f, w*f).
+
+    ``up`` is indexed by level like the encoder (``up.0`` is the full-resolution level) but run
+    from the last level to the first; each level has ``num_res_blocks + 1`` blocks.
+    """
+
+    def __init__(
+        self,
+        *,
+        ch: int,
+        out_ch: int,
+        ch_mult: Sequence[int] = (1, 2, 4, 8),
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int] = (),
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        in_channels: int | None = None,
+        resolution: int,
+        z_channels: int,
+        give_pre_end: bool = False,
+        tanh_out: bool = False,
+        use_linear_attn: bool = False,
+        attn_type: str = "vanilla",
+        double_z: bool = True,
+    ):
+        super().__init__()
+        _check_attn_type(attn_type, use_linear_attn)
+        if not resamp_with_conv:
+            raise ValueError("resamp_with_conv=False is not used by SDXL; set it True")
+        del in_channels, double_z  # part of the shared ddconfig, used by the encoder only
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.give_pre_end = give_pre_end
+        self.tanh_out = tanh_out
+        block_in = ch * ch_mult[-1]
+        res = resolution // 2 ** (self.num_resolutions - 1)
+        self.conv_in = Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, dropout)
+        levels = [None] * self.num_resolutions
+        for i in reversed(range(self.num_resolutions)):
+            block_out = ch * ch_mult[i]
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if res in attn_resolutions:
+                    attns.append(AttnBlock(block_in))
+            levels[i] = _UpLevel(blocks, attns, Upsample(block_in) if i != 0 else None)
+            if i != 0:
+                res *= 2
+        self.up = nn.CellList(levels)
+        self.norm_out = normalize(block_in)
+        self.conv_out = Conv2d(block_in, out_ch, 3, padding=1)
+
+    def construct(self, z: Tensor) -> Tensor:
+        """(B, z_channels, h, w) -> (B, out_ch, h*f, w*f)."""
+        h = self.mid(self.conv_in(z))
+        for i in range(self.num_resolutions - 1, -1, -1):
+            h = self.up[i](h)
+        if self.give_pre_end:
+            return h
+        h = self.conv_out(ops.silu(self.norm_out(h)))
+        if self.tanh_out:
+            h = ops.tanh(h)
+        return h

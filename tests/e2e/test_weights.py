@@ -1,0 +1,137 @@
+"""Whole-model weight loading through every route, the converter, and errors for bad files."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from gm.checkpoint.errors import CheckpointError
+from gm.checkpoint.load import engine_state, load_weights, weight_arrays
+from gm.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
+from gm.models.diffusion import build_engine
+
+REPO_TOOL = ["tools/convert_weights.py"]
+
+
+def _run_tool(args, cwd):
+    return subprocess.run([sys.executable, *REPO_TOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_weights):
+    return build_engine(tiny_weights.config)
+
+
+@pytest.fixture(scope="module")
+def single_file_state(engine, tiny_weights):
+    load_weights(engine, tiny_weights.single_file)
+    return engine_state(engine)
+
+
+def test_single_file_and_diffusers_folder_load_the_same_weights(engine, tiny_weights, single_file_state):
+    load_weights(engine, tiny_weights.diffusers_dir)
+    from_folder = engine_state(engine)
+    assert from_folder.keys() == single_file_state.keys()
+    for name, value in from_folder.items():
+        np.testing.assert_array_equal(value, single_file_state[name], err_msg=name)
+    # and they are the reference's weights, not initial values
+    ref_unet = tiny_weights.pipeline.unet.state_dict()
+    np.testing.assert_array_equal(from_folder["model.diffusion_model.input_blocks.0.0.weight"],
+                                  ref_unet["conv_in.weight"].numpy())
+    ref_te2 = tiny_weights.pipeline.text_encoder_2.state_dict()
+    np.testing.assert_array_equal(from_folder["conditioner.embedders.1.model.text_projection"],
+                                  ref_te2["text_projection.weight"].numpy().T)
+
+
+def test_convert_to_ckpt_and_back(tiny_weights, single_file_state, tmp_path):
+    ckpt = tmp_path / "tiny.ckpt"
+    result = _run_tool(["--input", str(tiny_weights.single_file), "--output", str(ckpt),
+                        "--config", str(tiny_weights.config)], cwd=tiny_weights.config.parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+    back = tmp_path / "back.safetensors"
+    result = _run_tool(["--input", str(ckpt), "--output", str(back), "--config", str(tiny_weights.config)],
+                       cwd=tiny_weights.config.parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+    round_trip = SafetensorsFile(back)
+    assert set(round_trip) == set(single_file_state)
+    for name, value in single_file_state.items():
+        np.testing.assert_array_equal(round_trip[name], value, err_msg=name)
+
+
+def test_fp16_and_bf16_files_load(engine, tiny_weights, single_file_state, tmp_path):
+    source = {k: torch.from_numpy(np.array(v)) for k, v in SafetensorsFile(tiny_weights.single_file).items()}
+    for dtype in (torch.float16, torch.bfloat16):
+        path = tmp_path / f"tiny_{dtype}.safetensors"
+        save_file({k: v.to(dtype) for k, v in source.items()}, str(path))
+        load_weights(engine, path)
+        loaded = engine_state(engine)
+        for name, value in single_file_state.items():
+            expected = torch.from_numpy(value).to(dtype).float().numpy()
+            np.testing.assert_array_equal(loaded[name], expected, err_msg=f"{dtype} {name}")
+
+
+def test_missing_and_unexpected_keys_are_counted(tiny_weights, tmp_path):
+    engine = build_engine(tiny_weights.config, allocate=False)
+    state = dict(SafetensorsFile(tiny_weights.single_file))
+    del state["model.diffusion_model.out.2.weight"]
+    del state["first_stage_model.quant_conv.bias"]
+    state["model.diffusion_model.extra.weight"] = np.zeros(3, np.float32)
+    path = tmp_path / "edited.safetensors"
+    save_safetensors(path, state)
+    with pytest.raises(CheckpointError, match=r"missing keys 1 \(first: out\.2\.weight\); unexpected keys 1"):
+        list(weight_arrays(engine, path))
+
+
+def test_checkpoint_of_another_architecture(tiny_weights, tmp_path):
+    config = OmegaConf.load(tiny_weights.config)
+    config.model.params.network_config.params.model_channels = 64
+    wider = build_engine(config, allocate=False)
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        list(weight_arrays(wider, tiny_weights.single_file))
+    # an SD 1.x-style file (cond_stage_model.*) is not SDXL
+    sd1 = tmp_path / "sd15.safetensors"
+    save_safetensors(sd1, {"cond_stage_model.transformer.text_model.final_layer_norm.weight": np.ones(4, np.float32),
+                           "model.diffusion_model.input_blocks.0.0.weight": np.ones((4, 4, 3, 3), np.float32)})
+    with pytest.raises(CheckpointError, match="not an SDXL base checkpoint"):
+        list(weight_arrays(wider, sd1))
+
+
+def test_diffusers_folder_without_a_component(tiny_weights, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_weights.diffusers_dir, partial)
+    shutil.rmtree(partial / "text_encoder_2")
+    engine = build_engine(tiny_weights.config, allocate=False)
+    with pytest.raises(CheckpointError, match="missing text_encoder_2/"):
+        list(weight_arrays(engine, partial))
+
+
+@pytest.mark.parametrize("damage", ["not_safetensors", "truncated", "wrong_arch", "missing_file"])
+def test_bad_weight_file_gives_one_line_error(tiny_weights, tmp_path, damage):
+    bad = tmp_path / "bad.safetensors"
+    if damage == "not_safetensors":
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+        expected = "not a safetensors file"
+    elif damage == "truncated":
+        data = tiny_weights.single_file.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+        expected = "truncated"
+    elif damage == "wrong_arch":
+        save_safetensors(bad, {"cond_stage_model.model.ln_final.weight": np.ones(8, np.float32)})
+        expected = "not an SDXL base checkpoint"
+    else:
+        bad = tmp_path / "nowhere.safetensors"
+        expected = "no such file"
+    out = tmp_path / "out.ckpt"
+    result = _run_tool(["--input", str(bad), "--output", str(out), "--config", str(tiny_weights.config)],
+                       cwd=tiny_weights.config.parents[2])
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert expected in lines[-1] and str(bad) in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()

@@ -1,0 +1,136 @@
+"""Our samplers against diffusers' schedulers: same model function, same initial (and per-step)
+noise, trajectories within 1e-4.
+
+The model is a fixed nonlinear noise predictor of (input, timestep) written twice (MindSpore and
+torch), so the test isolates the sampler arithmetic, the discretization, the input scaling and the
+sigma -> timestep mapping.
+"""
+
+import math
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from mindspore import Tensor, nn, ops
+
+from gm.modules.diffusionmodules.denoiser import DiscreteDenoiser
+from gm.modules.diffusionmodules.sampling import DPMPP2MSampler, EulerAncestralSampler, EulerEDMSampler
+
+SHAPE = (2, 4, 8, 8)
+DDPM = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
+SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing")
+rng = np.random.default_rng(0)
+A = rng.standard_normal(SHAPE[1:]).astype(np.float32)
+B = rng.standard_normal(SHAPE[1:]).astype(np.float32)
+
+
+def eps_numpy_like(x, t, lib):
+    return lib.tanh(x * A_[lib] + B_[lib] * (t / 1000.0)) * 0.8
+
+
+A_ = {ops: Tensor(A), torch: torch.from_numpy(A)}
+B_ = {ops: Tensor(B), torch: torch.from_numpy(B)}
+
+
+class ToyEps(nn.Cell):
+    def construct(self, x, t, context, vector):
+        return eps_numpy_like(x, t.reshape(-1, 1, 1, 1), ops)
+
+
+@pytest.fixture(scope="module")
+def denoise_and_trace():
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    denoiser = DiscreteDenoiser(
+        scaling_config={"target": "gm.modules.diffusionmodules.denoiser_scaling.EpsScaling"},
+        num_idx=1000, discretization_config=DDPM)
+    network = ToyEps()
+    trace = []
+
+    def denoise_fn(x, sigma, cond):
+        trace.append((x.asnumpy().copy(), float(sigma.asnumpy()[0])))
+        return denoiser(network, x, sigma, cond["crossattn"], cond["vector"])
+
+    return denoise_fn, trace
+
+
+COND = {"crossattn": Tensor(np.zeros((2, 1, 1), np.float32)), "vector": Tensor(np.zeros((2, 1), np.float32))}
+
+
+def _reference_run(scheduler, noise, steps, to_ve, variance_exploding=True):
+    """Run a diffusers scheduler; returns the states (converted by ``to_ve``) and the final sample.
+
+    The first sample is ``noise * sqrt(1 + sigma_max^2)`` (SGM's, the exact marginal at sigma_max)
+    for the variance-exploding Euler schedulers: diffusers' own ``init_noise_sigma`` is sigma_max
+    for "trailing" spacing, so it is bypassed to give both the same initial latents.
+    """
+    scheduler.set_timesteps(steps)
+    sigma_max = float(scheduler.sigmas[0])
+    x = torch.from_numpy(noise) * (math.sqrt(1 + sigma_max**2) if variance_exploding else 1.0)
+    states = []
+    for t in scheduler.timesteps:
+        states.append(x.numpy().copy())
+        eps = eps_numpy_like(scheduler.scale_model_input(x, t), t.float(), torch)
+        x = scheduler.step(eps, t, x).prev_sample
+    return [to_ve(s, i) for i, s in enumerate(states)], x.numpy()
+
+
+def _assert_close(ours, ref, what):
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    diff = float(np.abs(ours - ref).max())
+    assert diff <= tol, f"{what}: max diff {diff:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+def test_euler_matches_euler_discrete_trailing(denoise_and_trace, steps):
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    noise = np.random.default_rng(steps).standard_normal(SHAPE).astype(np.float32)
+    sampler = EulerEDMSampler(discretization_config=DDPM, num_steps=steps)
+    final = sampler(denoise_fn, Tensor(noise), COND).asnumpy()
+    scheduler = EulerDiscreteScheduler(**SCHEDULE)
+    states, ref_final = _reference_run(scheduler, noise, steps, lambda s, i: s)
+    assert len(trace) == len(states) == steps
+    for i, ((ours, sigma), ref) in enumerate(zip(trace, states)):
+        assert math.isclose(sigma, float(scheduler.sigmas[i]), rel_tol=1e-5)
+        _assert_close(ours, ref, f"step {i}")
+    _assert_close(final, ref_final, "final")
+
+
+def test_euler_ancestral_matches_given_the_same_noise(denoise_and_trace, monkeypatch):
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    steps = 8
+    noise = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    step_noises = [np.random.default_rng(100 + i).standard_normal(SHAPE).astype(np.float32) for i in range(steps)]
+    ours_iter = iter(step_noises)
+    sampler = EulerAncestralSampler(discretization_config=DDPM, num_steps=steps)
+    final = sampler(denoise_fn, Tensor(noise), COND, noise_fn=lambda shape: Tensor(next(ours_iter))).asnumpy()
+
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as module
+
+    ref_iter = iter(step_noises)
+    monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(next(ref_iter)))
+    states, ref_final = _reference_run(EulerAncestralDiscreteScheduler(**SCHEDULE), noise, steps, lambda s, i: s)
+    for i, ((ours, _), ref) in enumerate(zip(trace, states)):
+        _assert_close(ours, ref, f"step {i}")
+    _assert_close(final, ref_final, "final")
+
+
+@pytest.mark.parametrize("steps", [5, 20])
+def test_dpmpp_2m_matches_dpm_solver_multistep(denoise_and_trace, steps):
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    noise = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
+    sampler = DPMPP2MSampler(discretization_config=DDPM, num_steps=steps)
+    final = sampler(denoise_fn, Tensor(noise), COND).asnumpy()
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.numpy()
+    # diffusers' DPM-Solver works on variance-preserving samples x_vp = x / sqrt(1 + sigma^2)
+    states, ref_final = _reference_run(scheduler, noise, steps,
+                                       lambda s, i: s * math.sqrt(1 + float(sigmas[i]) ** 2), variance_exploding=False)
+    for i, ((ours, _), ref) in enumerate(zip(trace, states)):
+        _assert_close(ours, ref, f"step {i}")
+    _assert_close(final, ref_final, "final")

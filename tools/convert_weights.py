@@ -1,0 +1,54 @@
+"""Convert SDXL base weights between the official single file, diffusers folders and MindSpore .ckpt.
+
+    python tools/convert_weights.py --input sd_xl_base_1.0.safetensors --output sd_xl_base_1.0_ms.ckpt
+    python tools/convert_weights.py --input stable-diffusion-xl-base-1.0/ --output sdxl_base.safetensors
+    python tools/convert_weights.py --input sdxl_base_ms.ckpt --output sdxl_base.safetensors --dtype fp16
+
+Every key and shape is checked against the model built from --config (without allocating it)
+before anything is written; the output uses the official single-file key names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gm.checkpoint.errors import CheckpointError  # noqa: E402
+from gm.checkpoint.load import weight_arrays  # noqa: E402
+from gm.checkpoint.save import save_weights  # noqa: E402
+from gm.cli import run_cli, setup_logging  # noqa: E402
+from gm.models.diffusion import build_engine  # noqa: E402
+
+_logger = logging.getLogger("gm.convert_weights")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="official .safetensors, diffusers folder, or .ckpt")
+    parser.add_argument("--output", required=True, help="output .ckpt (MindSpore) or .safetensors (official names)")
+    parser.add_argument("--config", default=str(REPO / "configs" / "inference" / "sd_xl_base.yaml"),
+                        help="model config the weights belong to (default: SDXL base)")
+    parser.add_argument("--dtype", choices=["keep", "fp32", "fp16"], default="keep",
+                        help="cast floating tensors (bf16 sources are read as fp32)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    args = parse_args(argv)
+    output = Path(args.output)
+    if output.exists() and output.resolve() == Path(args.input).resolve():
+        raise CheckpointError(f"--output {output} is the input; choose another name")
+    engine = build_engine(args.config, allocate=False)
+    count = save_weights(weight_arrays(engine, args.input), output, args.dtype,
+                         metadata={"converted_from": Path(args.input).name})
+    _logger.info("wrote %d tensors to %s", count, output)
+
+
+if __name__ == "__main__":
+    run_cli(main)
