@@ -15,15 +15,18 @@ Both diffusers folders hold transformers CLIP text models (``CLIPTextModel``,
   ``text_projection`` (W, E), used as ``x @ P`` <- ``text_projection.weight`` (E, W) transposed,
   ``logit_scale``: no counterpart (optional; only the single file has it).
 
-``RULES``, ``IGNORED_SOURCE_KEYS`` and ``OPTIONAL_TARGETS`` are keyed by component name for
-``gm.checkpoint.load``.
+The rules expect transformers 4's layout (``text_model.*``, as in the SDXL repositories on the
+hub); ``adapt_source`` adds that prefix to a ``CLIPTextModel`` saved by transformers >= 5, which
+drops it. ``RULES``, ``IGNORED_SOURCE_KEYS`` and ``OPTIONAL_TARGETS`` are keyed by component name
+for ``gm.checkpoint.load``.
 """
 
 from __future__ import annotations
 
 import re
-from typing import List
+from typing import Iterator, List, Mapping, Tuple
 
+import numpy as np
 from mindspore import nn
 
 from gm.checkpoint.keymap import KeyRule
@@ -33,6 +36,7 @@ _POSITION_IDS = "text_model.embeddings.position_ids"
 IGNORED_SOURCE_KEYS = {"text_encoder": (_POSITION_IDS,), "text_encoder_2": (_POSITION_IDS,)}
 OPTIONAL_TARGETS = {"text_encoder": (), "text_encoder_2": ("model.logit_scale",)}
 
+_TEXT_MODEL = "text_model."
 _CLIP_L_PREFIX = "transformer."
 _OPEN_CLIP_PREFIX = "model."
 _BLOCK_PARTS = {
@@ -56,7 +60,8 @@ def rules_clip_l(cell: nn.Cell) -> List[KeyRule]:
     out = []
     for name in _param_names(cell):
         if not name.startswith(_CLIP_L_PREFIX):
-            raise ValueError(f"CLIP-L parameter '{name}' is not under '{_CLIP_L_PREFIX}'; is this a FrozenCLIPEmbedder?")
+            raise ValueError(f"CLIP-L parameter '{name}' is not under '{_CLIP_L_PREFIX}'; "
+                             "is this a FrozenCLIPEmbedder?")
         out.append(KeyRule(name, (name[len(_CLIP_L_PREFIX):],)))
     return out
 
@@ -101,3 +106,38 @@ def rules_open_clip_g(cell: nn.Cell) -> List[KeyRule]:
 
 
 RULES = {"text_encoder": rules_clip_l, "text_encoder_2": rules_open_clip_g}
+
+
+class _PrefixedKeys(Mapping[str, np.ndarray]):
+    """``source`` with ``prefix`` put in front of every key (arrays read on access)."""
+
+    def __init__(self, source: Mapping[str, np.ndarray], prefix: str):
+        self._source, self._prefix = source, prefix
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if not key.startswith(self._prefix):
+            raise KeyError(key)
+        return self._source[key[len(self._prefix):]]
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._prefix + k for k in self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        inner = key[len(self._prefix):]
+        shape = getattr(self._source, "shape", None)
+        return tuple(shape(inner)) if callable(shape) else tuple(np.shape(self._source[inner]))
+
+
+def adapt_source(component: str, source: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """A transformers state dict in the layout the rules expect (``text_model.*``).
+
+    transformers >= 5 saves ``CLIPTextModel`` as ``embeddings.*``, ``encoder.*``,
+    ``final_layer_norm.*``; transformers 4 (and the SDXL hub folders) as ``text_model.*``.
+    ``CLIPTextModelWithProjection`` keeps ``text_model.*`` in both.
+    """
+    if component == "text_encoder" and len(source) and not any(k.startswith(_TEXT_MODEL) for k in source):
+        return _PrefixedKeys(source, _TEXT_MODEL)
+    return source

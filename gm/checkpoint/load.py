@@ -70,6 +70,17 @@ def diffusers_rules(component: str, cell: nn.Cell) -> Tuple[List[KeyRule], Tuple
     return rules, ignored, optional
 
 
+def diffusers_source(component: str, source: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """``source`` in the key layout the component's rules expect.
+
+    A rules module may define ``adapt_source(component, source)`` for exporters that lay out the
+    same tensors differently (transformers >= 5 saves ``CLIPTextModel`` without ``text_model.``).
+    """
+    module = importlib.import_module(_component(component).rules_module)
+    adapt = getattr(module, "adapt_source", None)
+    return adapt(component, source) if adapt is not None else source
+
+
 def _per_component(value, component: str) -> Tuple[str, ...]:
     # a module serving several components keeps one tuple per component in a dict
     if isinstance(value, Mapping):
@@ -211,7 +222,7 @@ def diffusers_component_arrays(cell: nn.Cell, folder: str | os.PathLike,
                                component: str) -> Iterator[Tuple[str, np.ndarray]]:
     """Checked ``(our name, array)`` pairs of a diffusers component folder for ``cell``."""
     rules, ignored, optional = diffusers_rules(component, cell)
-    source = read_diffusers_component(folder)
+    source = diffusers_source(component, read_diffusers_component(folder))
     return checked_arrays(cell, rules, source, what=f"{folder}", ignored=ignored, optional=optional)
 
 
@@ -235,7 +246,10 @@ def single_file_component_arrays(cell: nn.Cell, path: str | os.PathLike | Mappin
     if not len(view):
         raise CheckpointError(f"{name}: no keys under '{comp.prefix}' -- not an SDXL single-file checkpoint?")
     ignored = [k for k in view if k.endswith(_IGNORED_SINGLE_FILE_SUFFIXES)]
-    return checked_arrays(cell, identity_rules(cell), view, what=f"{name} [{comp.prefix}*]", ignored=ignored)
+    # parameters a diffusers export lacks (OpenCLIP's unused logit_scale) may be absent here too
+    _, _, optional = diffusers_rules(component, cell)
+    return checked_arrays(cell, identity_rules(cell), view, what=f"{name} [{comp.prefix}*]", ignored=ignored,
+                          optional=optional)
 
 
 def single_file_state_from_diffusers(component: str, cell: nn.Cell,
@@ -243,8 +257,8 @@ def single_file_state_from_diffusers(component: str, cell: nn.Cell,
     """The official single-file keys and arrays of one component, made from its diffusers state."""
     comp = _component(component)
     rules, ignored, optional = diffusers_rules(component, cell)
-    ours = apply_rules(rules, diffusers_state, what=f"diffusers {component}", ignore_unused=ignored,
-                       optional_targets=optional)
+    ours = apply_rules(rules, diffusers_source(component, diffusers_state), what=f"diffusers {component}",
+                       ignore_unused=ignored, optional_targets=optional)
     return {comp.prefix + name: value for name, value in ours.items()}
 
 

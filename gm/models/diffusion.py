@@ -63,7 +63,7 @@ class DiffusionEngine(nn.Cell):
 
     def get_conditioning(self, batch: Mapping[str, Any]) -> Dict[str, Tensor]:
         """``{"crossattn": (B, 77, D), "vector": (B, adm)}`` for a batch with ``txt`` and the sizes."""
-        return self.conditioner(batch)
+        return self.conditioner.encode(batch)
 
     def denoise(self, x: Tensor, sigma: Tensor, context: Tensor, vector: Tensor) -> Tensor:
         """Denoised latents for noisy latents ``x`` (B, 4, h, w) at noise levels ``sigma`` (B,)."""

@@ -7,6 +7,7 @@ from typing import Optional
 
 from mindspore import Tensor, nn, ops
 
+from gm.modules.diffusionmodules.util import zero_module
 from gm.modules.layers import Conv2d, GroupNorm, Identity, LayerNorm, Linear, gelu_exact
 
 
@@ -139,13 +140,13 @@ class SpatialTransformer(nn.Cell):
         super().__init__()
         inner = n_heads * d_head
         self.use_linear = use_linear
-        self.norm = GroupNorm(32, in_channels, eps=1e-5)
+        self.norm = GroupNorm(32, in_channels, eps=1e-6)
         if use_linear:
             self.proj_in = Linear(in_channels, inner)
-            self.proj_out = Linear(inner, in_channels)
+            self.proj_out = zero_module(Linear(inner, in_channels))
         else:
             self.proj_in = Conv2d(in_channels, inner, 1)
-            self.proj_out = Conv2d(inner, in_channels, 1)
+            self.proj_out = zero_module(Conv2d(inner, in_channels, 1))
         self.transformer_blocks = nn.CellList([
             BasicTransformerBlock(inner, n_heads, d_head, context_dim, dropout, use_checkpoint) for _ in range(depth)
         ])

@@ -6,17 +6,16 @@ official-format single file. The MindSpore forward runs in graph mode and is com
 Tolerance (fp32): max |ours - reference| <= 1e-4 * max(1, max |reference|).
 """
 
+import mindspore as ms
 import numpy as np
 import pytest
 import reference
 import torch
+from mindspore import nn
+from mindspore.common.initializer import initializer
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.numpy import save_file
-
-import mindspore as ms
-from mindspore import nn
-from mindspore.common.initializer import initializer
 
 from gm.checkpoint import diffusers_unet
 from gm.checkpoint.keymap import check_rules, rule_shapes
@@ -197,3 +196,47 @@ def test_norm_epsilons_match_reference(unet, ref_unet):
             assert cell.eps == module.eps, f"{name}: ours {cell.eps}, reference {module.eps}"
             checked += 1
     assert checked == len([k for k in by_source if "norm" in k and k.endswith(".weight")])
+
+
+# a parameter of each kind of block, by our (official) name
+GRAD_PARAMS = [
+    "input_blocks.0.0.weight",
+    "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+    "input_blocks.7.1.transformer_blocks.1.ff.net.0.proj.weight",
+    "middle_block.1.transformer_blocks.0.attn2.to_v.weight",
+    "output_blocks.2.2.conv.weight",
+    "output_blocks.8.0.skip_connection.weight",
+    "time_embed.0.weight",
+    "label_emb.0.0.weight",
+]
+
+
+def test_unet_gradients_match_reference(unet, ref_unet, ref_state, inputs, vector):
+    """Backward parity (training): d(sum(out * w))/d(params, latents) against torch autograd."""
+    _clear(unet)
+    load_single_file_component(unet, single_file_state_from_diffusers("unet", unet, ref_state), "unet")
+    weights = np.random.default_rng(1).standard_normal(inputs["latents"].shape).astype(np.float32)
+    params = dict(unet.parameters_and_names())
+    grad_params = [params[name] for name in GRAD_PARAMS]
+    w = ms.Tensor(weights)
+
+    def loss_fn(x, t, c, y):
+        return (unet(x, t, c, y) * w).sum()
+
+    grad_fn = ms.jit(ms.grad(loss_fn, grad_position=0, weights=grad_params))
+    x_grad, param_grads = grad_fn(*(ms.Tensor(a) for a in (inputs["latents"], inputs["timesteps"],
+                                                            inputs["context"], vector)))
+
+    latents = torch.from_numpy(inputs["latents"]).requires_grad_(True)
+    added = {"text_embeds": torch.from_numpy(inputs["text_embeds"]), "time_ids": torch.from_numpy(inputs["time_ids"])}
+    ref_unet.zero_grad()
+    out = ref_unet(latents, torch.from_numpy(inputs["timesteps"]), torch.from_numpy(inputs["context"]),
+                   added_cond_kwargs=added).sample
+    (out * torch.from_numpy(weights)).sum().backward()
+    ref_params = dict(ref_unet.named_parameters())
+    names = [diffusers_unet.diffusers_name(unet, name) for name in GRAD_PARAMS]
+    pairs = [("latents", x_grad.asnumpy(), latents.grad.numpy())]
+    pairs += [(n, g.asnumpy(), ref_params[d].grad.numpy()) for n, g, d in zip(GRAD_PARAMS, param_grads, names)]
+    for name, ours, theirs in pairs:
+        diff = float(np.abs(ours - theirs).max())
+        assert diff <= _tolerance(theirs), f"{name}: max diff {diff:.3g}, max |ref| {np.abs(theirs).max():.3g}"

@@ -75,7 +75,8 @@ def _reference_ids(folder, prompts):
     return np.asarray(tok(prompts, padding="max_length", max_length=77, truncation=True).input_ids)
 
 
-@pytest.mark.parametrize("name,pad_token,pad_id", [("tokenizer", EOT_TOKEN, 49407), ("tokenizer_2", OPEN_CLIP_PAD_TOKEN, 0)])
+@pytest.mark.parametrize("name,pad_token,pad_id",
+                         [("tokenizer", EOT_TOKEN, 49407), ("tokenizer_2", OPEN_CLIP_PAD_TOKEN, 0)])
 def test_ids_match_reference(folders, name, pad_token, pad_id):
     expected = _reference_ids(folders[name], PROMPTS)
     built_in = CLIPTextTokenizer(pad_token)(PROMPTS)

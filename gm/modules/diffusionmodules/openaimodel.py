@@ -12,21 +12,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 from mindspore import Tensor, nn, ops
-from mindspore.common.initializer import initializer
 
 from gm.modules.attention import SpatialTransformer, dropout_cell
-from gm.modules.diffusionmodules.util import timestep_embedding
+from gm.modules.diffusionmodules.util import timestep_embedding, zero_module
 from gm.modules.layers import Conv2d, Embedding, GroupNorm, Identity, Linear, SiLU
-
-
-def zero_module(cell: nn.Cell) -> nn.Cell:
-    """Set every parameter of ``cell`` to zero (sgm zero-initialises each residual branch's last layer).
-
-    Lazy: under ``mindspore.nn.utils.no_init_parameters()`` no memory is allocated.
-    """
-    for param in cell.get_parameters():
-        param.set_data(initializer("zeros", param.shape, param.dtype))
-    return cell
 
 
 def _norm(channels: int) -> GroupNorm:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, ops
+from mindspore import Tensor, nn, ops
+from mindspore.common.initializer import initializer
 
 
-@lru_cache(maxsize=None)
+@cache
 def _frequencies(half: int, max_period: float) -> np.ndarray:
     """``exp(-log(max_period) * i / half)`` for i < half, float32, computed on the host.
 
@@ -42,3 +43,15 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     if dim % 2:
         embedding = ops.concat([embedding, ops.zeros_like(embedding[:, :1])], axis=-1)
     return embedding
+
+
+def zero_module(cell: nn.Cell) -> nn.Cell:
+    """Set every parameter of ``cell`` to zero and return it.
+
+    sgm zero-initialises the last layer of each residual branch (ResBlock ``out_layers.3``,
+    transformer ``proj_out``, the UNet's ``out.2``) so that a fresh network starts as identity-ish.
+    Lazy: under ``mindspore.nn.utils.no_init_parameters()`` nothing is allocated.
+    """
+    for param in cell.get_parameters():
+        param.set_data(initializer("zeros", param.shape, param.dtype))
+    return cell

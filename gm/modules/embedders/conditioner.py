@@ -77,13 +77,12 @@ class GeneralConditioner(nn.Cell):
         if missing:
             raise ValueError(f"conditioning batch lacks keys {missing}; it has {sorted(batch)}")
         arrays = [emb.prepare(batch[emb.input_key]) for emb in self.embedders]
-        size = max(a.shape[0] for a in arrays)
-        for i, a in enumerate(arrays):
-            if a.shape[0] == 1 and size > 1:
-                arrays[i] = np.repeat(a, size, axis=0)
-            elif a.shape[0] != size:
-                raise ValueError(f"batch entry '{self.input_keys[i]}' has {a.shape[0]} rows, others have {size}")
-        return arrays
+        sizes = {a.shape[0] for a in arrays} - {1}
+        if len(sizes) > 1:
+            rows = ", ".join(f"{k} {a.shape[0]}" for k, a in zip(self.input_keys, arrays))
+            raise ValueError(f"conditioning batch entries differ in size ({rows}); give B rows each, or one size row")
+        size = sizes.pop() if sizes else 1
+        return [np.repeat(a, size, axis=0) if a.shape[0] != size else a for a in arrays]
 
     def prepare_inputs(self, batch: Mapping) -> Tuple[Tensor, ...]:
         """``prepare_arrays`` as Tensors, the positional inputs of ``construct``."""

@@ -14,6 +14,7 @@ ConcatTimestepEmbedderND) of Stability-AI/generative-models.
 from __future__ import annotations
 
 import os
+from abc import ABCMeta, abstractmethod
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,7 +25,7 @@ from gm.modules.embedders.clip import CLIPTextModel, OpenCLIPTextModel
 from gm.modules.embedders.tokenizer import EOT_TOKEN, MAX_LENGTH, OPEN_CLIP_PAD_TOKEN, CLIPTextTokenizer
 
 
-class AbstractEmbedder(nn.Cell):
+class AbstractEmbedder(nn.Cell, metaclass=ABCMeta):
     """Base of the conditioner's embedders.
 
     Attributes (class defaults, set per instance by the conditioner from the YAML entry):
@@ -37,13 +38,13 @@ class AbstractEmbedder(nn.Cell):
     is_trainable: bool = False
     output_keys: Tuple[str, ...] = ()
 
+    @abstractmethod
     def prepare(self, values) -> np.ndarray:
         """Host side: the batch entry -> the array ``construct`` takes."""
-        raise NotImplementedError
 
+    @abstractmethod
     def output_widths(self, prepared: np.ndarray) -> Tuple[int, ...]:
         """Last-axis width of each output for the host array ``prepared`` (one per ``output_keys``)."""
-        raise NotImplementedError
 
 
 class FrozenCLIPEmbedder(AbstractEmbedder):

@@ -1,0 +1,160 @@
+"""Sample SDXL images from the command line (txt2img or img2img).
+
+    python demo/sampling_without_streamlit.py --weight sd_xl_base_1.0.safetensors \
+        --prompt "a photo of an astronaut riding a horse" --sd_xl_base_ratios 1.0
+
+    # reproduce another implementation's image exactly from its starting noise
+    python demo/sampling_without_streamlit.py --weight sdxl-folder/ --prompt prompt.txt \
+        --init_latent_path latents.npy --sampler EulerEDMSampler --sample_step 40
+
+Writes one PNG per image (prompt, negative prompt, seed, sampler, steps, guidance and weights in
+the PNG text metadata) and a grid per prompt into --save_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from gm.checkpoint.load import load_weights  # noqa: E402
+from gm.cli import run_cli, setup_logging  # noqa: E402
+from gm.errors import ConfigError  # noqa: E402
+from gm.inference import DISCRETIZATIONS, SAMPLERS, Sampler, SamplingOptions, save_images, set_mode  # noqa: E402
+from gm.models.diffusion import build_engine  # noqa: E402
+
+_logger = logging.getLogger("gm.sampling")
+
+# SDXL's training aspect-ratio buckets: "width/height" -> (width, height) (Stability's sgm table).
+SD_XL_BASE_RATIOS = {
+    "0.5": (704, 1408), "0.52": (704, 1344), "0.57": (768, 1344), "0.6": (768, 1280), "0.68": (832, 1216),
+    "0.72": (832, 1152), "0.78": (896, 1152), "0.82": (896, 1088), "0.88": (960, 1088), "0.94": (960, 1024),
+    "1.0": (1024, 1024), "1.07": (1024, 960), "1.13": (1088, 960), "1.21": (1088, 896), "1.29": (1152, 896),
+    "1.38": (1152, 832), "1.46": (1216, 832), "1.67": (1280, 768), "1.75": (1344, 768), "1.91": (1344, 704),
+    "2.0": (1408, 704), "2.09": (1472, 704), "2.4": (1536, 640), "2.5": (1600, 640), "2.89": (1664, 576),
+    "3.0": (1728, 576),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="txt2img", choices=["txt2img", "img2img"])
+    p.add_argument("--config", default=str(REPO / "configs" / "inference" / "sd_xl_base.yaml"))
+    p.add_argument("--weight", default="", help="base weights: official .safetensors, diffusers folder or .ckpt")
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars",
+                   help="a prompt, or a .txt file with one prompt per line")
+    p.add_argument("--negative_prompt", default="", help="empty: zero text embeddings, as SDXL base")
+    p.add_argument("--sampler", default="EulerEDMSampler", choices=sorted(SAMPLERS))
+    p.add_argument("--discretization", default="LegacyDDPMDiscretization", choices=sorted(DISCRETIZATIONS),
+                   help="EDMDiscretization gives Karras sigmas")
+    p.add_argument("--sample_step", type=int, default=40)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num_cols", type=int, default=1, help="images per prompt = num_cols x num_rows")
+    p.add_argument("--num_rows", type=int, default=1)
+    p.add_argument("--sd_xl_base_ratios", default="1.0", help=f"width/height bucket: {', '.join(SD_XL_BASE_RATIOS)}")
+    p.add_argument("--width", type=int, default=None, help="explicit image width (overrides the ratio bucket)")
+    p.add_argument("--height", type=int, default=None, help="explicit image height (overrides the ratio bucket)")
+    p.add_argument("--orig_width", type=int, default=None, help="micro-conditioning original size (default: width)")
+    p.add_argument("--orig_height", type=int, default=None)
+    p.add_argument("--crop_coords_top", type=int, default=0)
+    p.add_argument("--crop_coords_left", type=int, default=0)
+    p.add_argument("--init_latent_path", default=None, help=".npy of starting noise (B, 4, H/8, W/8), unit variance")
+    p.add_argument("--img", default=None, help="img2img: the input image")
+    p.add_argument("--strength", type=float, default=0.75, help="img2img: how much of the schedule to redo")
+    p.add_argument("--save_path", default="outputs/samples")
+    p.add_argument("--ms_mode", type=int, default=0, help="0: graph mode, 1: PyNative")
+    p.add_argument("--device_target", default="CPU")
+    return p.parse_args(argv)
+
+
+def read_prompts(prompt: str) -> list[str]:
+    """A prompt, or the non-empty lines of a .txt file."""
+    if prompt.endswith(".txt"):
+        path = Path(prompt)
+        if not path.is_file():
+            raise ConfigError(f"--prompt {prompt}: no such prompt file")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"--prompt {prompt}: the file holds no prompts")
+        return prompts
+    return [prompt]
+
+
+def options_from_args(args: argparse.Namespace) -> SamplingOptions:
+    if args.sd_xl_base_ratios not in SD_XL_BASE_RATIOS:
+        raise ConfigError(f"--sd_xl_base_ratios {args.sd_xl_base_ratios}: expected one of "
+                          f"{', '.join(SD_XL_BASE_RATIOS)}")
+    width, height = SD_XL_BASE_RATIOS[args.sd_xl_base_ratios]
+    options = SamplingOptions(
+        sampler=args.sampler, discretization=args.discretization, num_steps=args.sample_step,
+        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+        height=args.height or height, width=args.width or width, orig_height=args.orig_height,
+        orig_width=args.orig_width, crop_top=args.crop_coords_top, crop_left=args.crop_coords_left,
+        seed=args.seed, strength=args.strength if args.task == "img2img" else 1.0)
+    options.validate()
+    if args.num_cols < 1 or args.num_rows < 1:
+        raise ConfigError("--num_cols and --num_rows must be at least 1")
+    return options
+
+
+def load_init_latents(path: str, expected: tuple) -> np.ndarray:
+    if not Path(path).is_file():
+        raise ConfigError(f"--init_latent_path {path}: no such file")
+    try:
+        latents = np.load(path, allow_pickle=False).astype(np.float32)
+    except ValueError as err:
+        raise ConfigError(f"--init_latent_path {path}: not a numpy .npy array ({err})") from None
+    if latents.shape != expected:
+        raise ConfigError(f"--init_latent_path {path}: shape {latents.shape}, expected {expected} "
+                          "(images per prompt, 4, height/8, width/8)")
+    return latents
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    args = parse_args(argv)
+    options = options_from_args(args)
+    prompts = read_prompts(args.prompt)
+    weights = args.weight.split(",") if args.weight else []
+    if len(weights) > 1:
+        raise ConfigError(f"--weight {args.weight}: LoRA files are not supported by this version; give base weights")
+    init_image = None
+    if args.task == "img2img":
+        from PIL import Image
+
+        if not args.img or not Path(args.img).is_file():
+            raise ConfigError(f"--img {args.img}: img2img needs an existing input image")
+        init_image = Image.open(args.img)
+    per_prompt = args.num_cols * args.num_rows
+    noise = None
+    if args.init_latent_path:
+        noise = load_init_latents(args.init_latent_path, (per_prompt, *options.latent_shape))
+
+    set_mode(args.ms_mode, args.device_target)
+    engine = build_engine(args.config)
+    if weights:
+        load_weights(engine, weights[0])
+    else:
+        _logger.warning("no --weight given: sampling with randomly initialised weights")
+    sampler = Sampler(engine)
+    save_path = Path(args.save_path)
+    for index, prompt in enumerate(prompts):
+        start = time.perf_counter()
+        images = sampler([prompt] * per_prompt, options, noise=noise, init_image=init_image)
+        seconds = time.perf_counter() - start
+        save_images(images, save_path, [prompt] * per_prompt, options, weights=args.weight,
+                    start_index=index * per_prompt, grid_cols=args.num_cols)
+        _logger.info("prompt %d/%d: %d images in %.1f s (%.2f s/step)", index + 1, len(prompts), per_prompt,
+                     seconds, seconds / options.num_steps)
+
+
+if __name__ == "__main__":
+    run_cli(main)
