@@ -29,7 +29,6 @@ def unet_config(config_path: Path = TINY_CONFIG) -> dict:
     p = model_params(config_path).network_config.params
     channels = [p.model_channels * m for m in p.channel_mult]
     has_attn = [2**level in p.attention_resolutions for level in range(len(channels))]
-    pooled = _emb_params(config_path, 1).embed_dim
     return dict(
         sample_size=128,
         in_channels=p.in_channels,

@@ -1,0 +1,99 @@
+"""Streamlit page for SDXL sampling: weights, prompt, negative prompt, sampler, steps, guidance,
+seed and size; shows the images and offers them for download.
+
+    pip install streamlit
+    streamlit run demo/sampling.py -- --config configs/inference/sd_xl_base.yaml --device_target CPU
+
+The model is built once per (config, weights, mode) and cached across clicks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+try:
+    import streamlit as st
+except ImportError as err:  # the page is optional; the CLI needs no streamlit
+    raise SystemExit("the sampling page needs streamlit: pip install streamlit") from err
+
+from PIL import Image  # noqa: E402
+
+from gm.checkpoint.load import load_weights  # noqa: E402
+from gm.errors import UserError  # noqa: E402
+from gm.inference import DISCRETIZATIONS, SAMPLERS, Sampler, SamplingOptions, set_mode  # noqa: E402
+from gm.models.diffusion import build_engine  # noqa: E402
+
+DEFAULT_CONFIG = str(REPO / "configs" / "inference" / "sd_xl_base.yaml")
+
+
+def page_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    parser.add_argument("--weight", default="")
+    parser.add_argument("--ms_mode", type=int, default=0)
+    parser.add_argument("--device_target", default="CPU")
+    args, _ = parser.parse_known_args()
+    return args
+
+
+@st.cache_resource(show_spinner="Building the model ...")
+def cached_sampler(config: str, weight: str, ms_mode: int, device_target: str) -> Sampler:
+    """One engine per weights choice, reused by every click."""
+    set_mode(ms_mode, device_target)
+    engine = build_engine(config)
+    if weight:
+        load_weights(engine, weight)
+    return Sampler(engine)
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def main() -> None:
+    args = page_args()
+    st.title("SDXL sampling (MindSpore)")
+    with st.sidebar:
+        config = st.text_input("Config", args.config, key="config")
+        weight = st.text_input("Base weights (.safetensors, diffusers folder or .ckpt)", args.weight, key="weight")
+        sampler_name = st.selectbox("Sampler", sorted(SAMPLERS), index=sorted(SAMPLERS).index("EulerEDMSampler"),
+                                    key="sampler")
+        discretization = st.selectbox("Discretization", sorted(DISCRETIZATIONS), key="discretization")
+        steps = st.number_input("Steps", min_value=1, max_value=1000, value=40, key="steps")
+        guidance = st.number_input("Guidance scale", min_value=0.0, max_value=30.0, value=5.0, key="guidance")
+        seed = st.number_input("Seed", min_value=0, value=42, key="seed")
+        width = st.number_input("Width", min_value=8, max_value=2048, value=1024, step=8, key="width")
+        height = st.number_input("Height", min_value=8, max_value=2048, value=1024, step=8, key="height")
+        num_images = st.number_input("Images", min_value=1, max_value=16, value=1, key="num_images")
+    prompt = st.text_area("Prompt", "a photo of an astronaut riding a horse on mars", key="prompt")
+    negative = st.text_input("Negative prompt", "", key="negative_prompt")
+    if not st.button("Generate", key="generate"):
+        return
+    options = SamplingOptions(sampler=sampler_name, discretization=discretization, num_steps=int(steps),
+                              guidance_scale=float(guidance), negative_prompt=negative, height=int(height),
+                              width=int(width), seed=int(seed))
+    try:
+        options.validate()
+        sampler = cached_sampler(config, weight, args.ms_mode, args.device_target)
+        with st.spinner("Sampling ..."):
+            images = sampler([prompt] * int(num_images), options)
+    except UserError as err:
+        st.error(str(err))
+        return
+    st.session_state["images"] = images
+    st.session_state["engine_id"] = id(sampler.engine)  # lets a test see that clicks reuse the model
+    for i, image in enumerate(images):
+        st.image(image, caption=f"{prompt} (seed {options.seed}, image {i})")
+        st.download_button(f"Download image {i}", png_bytes(image), file_name=f"sdxl_{options.seed}_{i}.png",
+                           mime="image/png", key=f"download_{i}")
+
+
+main()
