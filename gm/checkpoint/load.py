@@ -38,6 +38,7 @@ class Component:
     prefix: str
     rules_module: str
     rules_function: str = "rules"
+    tokenizer_subfolder: str = ""  # diffusers folder holding this text encoder's tokenizer
 
 
 COMPONENTS: Dict[str, Component] = {
@@ -45,8 +46,10 @@ COMPONENTS: Dict[str, Component] = {
     for c in (
         Component("unet", "model.diffusion_model.", "gm.checkpoint.diffusers_unet"),
         Component("vae", "first_stage_model.", "gm.checkpoint.diffusers_vae"),
-        Component("text_encoder", "conditioner.embedders.0.", "gm.checkpoint.diffusers_text", "rules_clip_l"),
-        Component("text_encoder_2", "conditioner.embedders.1.", "gm.checkpoint.diffusers_text", "rules_open_clip_g"),
+        Component("text_encoder", "conditioner.embedders.0.", "gm.checkpoint.diffusers_text", "rules_clip_l",
+                  "tokenizer"),
+        Component("text_encoder_2", "conditioner.embedders.1.", "gm.checkpoint.diffusers_text", "rules_open_clip_g",
+                  "tokenizer_2"),
     )
 }
 
@@ -313,7 +316,22 @@ def load_weights(engine: nn.Cell, path: str | os.PathLike) -> None:
     first = next(arrays, None)  # runs every check before any parameter changes
     if first is not None:
         assign_parameters(engine, itertools.chain([first], arrays))
+    if Path(path).is_dir():
+        use_folder_tokenizers(engine, Path(path))
     _logger.info("loaded base weights from %s", path)
+
+
+def use_folder_tokenizers(engine: nn.Cell, folder: Path) -> None:
+    """Tokenize with a diffusers folder's ``tokenizer/`` and ``tokenizer_2/`` when it has them
+    (the same vocabulary as the shipped one for SDXL base, but a folder may carry added tokens)."""
+    from gm.modules.embedders.tokenizer import CLIPTextTokenizer
+
+    for comp in COMPONENTS.values():
+        sub = folder / comp.tokenizer_subfolder if comp.tokenizer_subfolder else None
+        if sub is not None and sub.is_dir():
+            embedder = component_cell(engine, comp.name)
+            old = embedder.tokenizer
+            embedder.tokenizer = CLIPTextTokenizer(old.pad_token, old.max_length, sub)
 
 
 def engine_state(engine: nn.Cell) -> Dict[str, np.ndarray]:
