@@ -235,18 +235,25 @@ def save_images(images: np.ndarray, folder: str | Path, prompts: Sequence[str], 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (image, prompt) in enumerate(zip(images, prompts)):
-        info = PngImagePlugin.PngInfo()
-        settings = {"prompt": prompt, "weights": weights, "image_index": i, **asdict(options)}
-        for key, value in settings.items():
-            info.add_text(key, str(value))
-        info.add_text("parameters", json.dumps(settings))
         path = folder / f"{start_index + i:06d}.png"
-        Image.fromarray(image).save(path, pnginfo=info)
+        save_png(image, path, {"prompt": prompt, "weights": weights, "image_index": i, **asdict(options)})
         paths.append(path)
     if len(images) > 1:
         make_grid(images, grid_cols).save(folder / f"grid_{start_index:06d}.png")
     _logger.info("saved %d images to %s", len(paths), folder)
     return paths
+
+
+def save_png(image: np.ndarray, path: Path, settings: Dict[str, object]) -> None:
+    """One uint8 (H, W, 3) image as PNG with ``settings`` as text chunks (and all of them as JSON in
+    ``parameters``); written to a temporary name first so a crash never leaves a broken PNG."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, str(value))
+    info.add_text("parameters", json.dumps(settings, default=str))
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
 
 
 def make_grid(images: np.ndarray, cols: Optional[int] = None) -> Image.Image:

@@ -132,21 +132,23 @@ class SpatialTransformer(nn.Cell):
     GroupNorm(32, eps 1e-6) -> ``proj_in`` -> ``transformer_blocks.N`` -> ``proj_out`` -> + input.
     With ``use_linear`` (SDXL) the projections are Linear layers applied to (B, H*W, C) tokens,
     otherwise 1x1 convolutions (SD 1.x); both keep the same parameter names.
+    ``zero_init_output`` starts ``proj_out`` at zero (sgm), so a fresh transformer is the identity map.
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1,
                  context_dim: Optional[int] = None, dropout: float = 0.0, use_linear: bool = False,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, zero_init_output: bool = True):
         super().__init__()
         inner = n_heads * d_head
         self.use_linear = use_linear
         self.norm = GroupNorm(32, in_channels, eps=1e-6)
         if use_linear:
             self.proj_in = Linear(in_channels, inner)
-            self.proj_out = zero_module(Linear(inner, in_channels))
+            proj_out = Linear(inner, in_channels)
         else:
             self.proj_in = Conv2d(in_channels, inner, 1)
-            self.proj_out = zero_module(Conv2d(inner, in_channels, 1))
+            proj_out = Conv2d(inner, in_channels, 1)
+        self.proj_out = zero_module(proj_out) if zero_init_output else proj_out
         self.transformer_blocks = nn.CellList([
             BasicTransformerBlock(inner, n_heads, d_head, context_dim, dropout, use_checkpoint) for _ in range(depth)
         ])

@@ -27,17 +27,19 @@ class ResBlock(nn.Cell):
 
     ``in_layers`` = [GroupNorm, SiLU, conv3x3], ``emb_layers`` = [SiLU, Linear],
     ``out_layers`` = [GroupNorm, SiLU, dropout, conv3x3], ``skip_connection`` = Identity or 1x1 conv.
+    ``zero_init_output`` starts ``out_layers.3`` at zero (sgm): a fresh block adds nothing to its skip path.
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: Optional[int] = None,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, zero_init_output: bool = True):
         super().__init__()
         out_channels = out_channels or channels
         self.in_layers = nn.SequentialCell([_norm(channels), SiLU(), Conv2d(channels, out_channels, 3, padding=1)])
         self.emb_layers = nn.SequentialCell([SiLU(), Linear(emb_channels, out_channels)])
+        out_conv = Conv2d(out_channels, out_channels, 3, padding=1)
         self.out_layers = nn.SequentialCell([
             _norm(out_channels), SiLU(), dropout_cell(dropout),
-            zero_module(Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_module(out_conv) if zero_init_output else out_conv,
         ])
         self.skip_connection = Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
         if use_checkpoint:
@@ -116,7 +118,10 @@ class UNetModel(nn.Cell):
     through an MLP ``label_emb``) or an int (class ids through an embedding);
     ``use_linear_in_transformer`` linear (SDXL) vs 1x1-conv transformer projections;
     ``use_checkpoint`` recomputes ResBlock and transformer-block activations in backward;
-    ``spatial_transformer_attn_type`` is accepted for sgm-config compatibility (same math).
+    ``spatial_transformer_attn_type`` is accepted for sgm-config compatibility (same math);
+    ``zero_init_residual_outputs`` (default True, sgm's init) starts ResBlock ``out_layers.3``,
+    transformer ``proj_out`` and ``out.2`` at zero. False keeps their ordinary random init: needed
+    when LoRA is trained on a randomly initialised base (with zeroed outputs every LoRA gradient is 0).
     """
 
     def __init__(
@@ -139,6 +144,7 @@ class UNetModel(nn.Cell):
         adm_in_channels: Optional[int] = None,
         legacy: bool = True,
         spatial_transformer_attn_type: str = "softmax",
+        zero_init_residual_outputs: bool = True,
     ):
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
@@ -160,7 +166,7 @@ class UNetModel(nn.Cell):
         self.num_classes = num_classes
         self._block_args = dict(dropout=dropout, use_checkpoint=use_checkpoint, num_heads=num_heads,
                                 num_head_channels=num_head_channels, legacy=legacy, context_dim=context_dim,
-                                use_linear=use_linear_in_transformer)
+                                use_linear=use_linear_in_transformer, zero_init=zero_init_residual_outputs)
         time_embed_dim = model_channels * 4
         self.time_embed = nn.SequentialCell([
             Linear(model_channels, time_embed_dim), SiLU(), Linear(time_embed_dim, time_embed_dim)])
@@ -173,8 +179,9 @@ class UNetModel(nn.Cell):
             self._resblock(ch, time_embed_dim, ch),
         ])
         self.output_blocks, ch = self._build_output_blocks(time_embed_dim, depth, skip_channels, ch)
+        out_conv = Conv2d(model_channels, out_channels, 3, padding=1)
         self.out = nn.SequentialCell([
-            _norm(ch), SiLU(), zero_module(Conv2d(model_channels, out_channels, 3, padding=1))])
+            _norm(ch), SiLU(), zero_module(out_conv) if zero_init_residual_outputs else out_conv])
 
     @staticmethod
     def _label_embedding(num_classes, adm_in_channels, time_embed_dim) -> Optional[nn.Cell]:
@@ -191,7 +198,8 @@ class UNetModel(nn.Cell):
 
     def _resblock(self, channels: int, emb_channels: int, out_channels: int) -> ResBlock:
         args = self._block_args
-        return ResBlock(channels, emb_channels, args["dropout"], out_channels, args["use_checkpoint"])
+        return ResBlock(channels, emb_channels, args["dropout"], out_channels, args["use_checkpoint"],
+                        zero_init_output=args["zero_init"])
 
     def _transformer(self, ch: int, depth: int) -> SpatialTransformer:
         args = self._block_args
@@ -202,7 +210,7 @@ class UNetModel(nn.Cell):
         if args["legacy"]:
             dim_head = ch // heads
         return SpatialTransformer(ch, heads, dim_head, depth, args["context_dim"], args["dropout"],
-                                  args["use_linear"], args["use_checkpoint"])
+                                  args["use_linear"], args["use_checkpoint"], zero_init_output=args["zero_init"])
 
     def _build_input_blocks(self, emb_dim: int, depth: list):
         blocks = [TimestepEmbedSequential([Conv2d(self.in_channels, self.model_channels, 3, padding=1)])]
