@@ -1,5 +1,5 @@
-"""Streamlit page for SDXL sampling: weights, prompt, negative prompt, sampler, steps, guidance,
-seed and size; shows the images and offers them for download.
+"""Streamlit page for SDXL sampling: weights (and an optional LoRA), prompt, negative prompt,
+sampler, steps, guidance, seed and size; shows the images and offers them for download.
 
     pip install streamlit
     streamlit run demo/sampling.py -- --config configs/inference/sd_xl_base.yaml --device_target CPU
@@ -25,9 +25,11 @@ except ImportError as err:  # the page is optional; the CLI needs no streamlit
 from PIL import Image  # noqa: E402
 
 from gm.checkpoint.load import load_weights  # noqa: E402
-from gm.errors import UserError  # noqa: E402
+from gm.checkpoint.lora import load_lora  # noqa: E402
+from gm.errors import ConfigError, UserError  # noqa: E402
 from gm.inference import DISCRETIZATIONS, SAMPLERS, Sampler, SamplingOptions, set_mode  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
+from gm.modules.lora import merge_lora  # noqa: E402
 
 DEFAULT_CONFIG = str(REPO / "configs" / "inference" / "sd_xl_base.yaml")
 
@@ -36,6 +38,7 @@ def page_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--weight", default="")
+    parser.add_argument("--lora", default="", help="optional LoRA file (.safetensors or .ckpt) from training")
     parser.add_argument("--ms_mode", type=int, default=0)
     parser.add_argument("--device_target", default="CPU")
     args, _ = parser.parse_known_args()
@@ -43,12 +46,17 @@ def page_args() -> argparse.Namespace:
 
 
 @st.cache_resource(show_spinner="Building the model ...")
-def cached_sampler(config: str, weight: str, ms_mode: int, device_target: str) -> Sampler:
-    """One engine per weights choice, reused by every click."""
+def cached_sampler(config: str, weight: str, lora: str, ms_mode: int, device_target: str) -> Sampler:
+    """One engine per weights choice (base and optional LoRA), reused by every click."""
     set_mode(ms_mode, device_target)
     engine = build_engine(config)
     if weight:
         load_weights(engine, weight)
+    if lora:
+        if not weight:
+            raise ConfigError("a LoRA needs the base weights it was trained on; fill in 'Base weights'")
+        load_lora(engine, lora)
+        merge_lora(engine)  # serve at the base model's cost
     return Sampler(engine)
 
 
@@ -64,6 +72,7 @@ def main() -> None:
     with st.sidebar:
         config = st.text_input("Config", args.config, key="config")
         weight = st.text_input("Base weights (.safetensors, diffusers folder or .ckpt)", args.weight, key="weight")
+        lora = st.text_input("LoRA (optional .safetensors or .ckpt from training)", args.lora, key="lora").strip()
         sampler_name = st.selectbox("Sampler", sorted(SAMPLERS), index=sorted(SAMPLERS).index("EulerEDMSampler"),
                                     key="sampler")
         discretization = st.selectbox("Discretization", sorted(DISCRETIZATIONS), key="discretization")
@@ -82,7 +91,7 @@ def main() -> None:
                               width=int(width), seed=int(seed))
     try:
         options.validate()
-        sampler = cached_sampler(config, weight, args.ms_mode, args.device_target)
+        sampler = cached_sampler(config, weight, lora, args.ms_mode, args.device_target)
         with st.spinner("Sampling ..."):
             images = sampler([prompt] * int(num_images), options)
     except UserError as err:

@@ -3,6 +3,10 @@
     python demo/sampling_without_streamlit.py --weight sd_xl_base_1.0.safetensors \
         --prompt "a photo of an astronaut riding a horse" --sd_xl_base_ratios 1.0
 
+    # with a LoRA trained by train_dreambooth.py: base weights first, then the LoRA file
+    python demo/sampling_without_streamlit.py --weight sd_xl_base_1.0.safetensors,out/sks_dog_lora.safetensors \
+        --prompt "a photo of sks dog in a bucket"
+
     # reproduce another implementation's image exactly from its starting noise
     python demo/sampling_without_streamlit.py --weight sdxl-folder/ --prompt prompt.txt \
         --init_latent_path latents.npy --sampler EulerEDMSampler --sample_step 40
@@ -25,10 +29,12 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from gm.checkpoint.load import load_weights  # noqa: E402
+from gm.checkpoint.lora import load_lora  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
 from gm.inference import DISCRETIZATIONS, SAMPLERS, Sampler, SamplingOptions, save_images, set_mode  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
+from gm.modules.lora import merge_lora  # noqa: E402
 
 _logger = logging.getLogger("gm.sampling")
 
@@ -47,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="txt2img", choices=["txt2img", "img2img"])
     p.add_argument("--config", default=str(REPO / "configs" / "inference" / "sd_xl_base.yaml"))
-    p.add_argument("--weight", default="", help="base weights: official .safetensors, diffusers folder or .ckpt")
+    p.add_argument("--weight", default="",
+                   help="base weights (official .safetensors, diffusers folder or .ckpt), optionally followed by "
+                        "',' and a LoRA file (.safetensors or .ckpt) written by training")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars",
                    help="a prompt, or a .txt file with one prompt per line")
     p.add_argument("--negative_prompt", default="", help="empty: zero text embeddings, as SDXL base")
@@ -123,9 +131,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     options = options_from_args(args)
     prompts = read_prompts(args.prompt)
-    weights = args.weight.split(",") if args.weight else []
-    if len(weights) > 1:
-        raise ConfigError(f"--weight {args.weight}: LoRA files are not supported by this version; give base weights")
+    weights = [w.strip() for w in args.weight.split(",")] if args.weight else []
+    if len(weights) > 2 or not all(weights):
+        raise ConfigError(f"--weight {args.weight}: give the base weights, optionally followed by ',' and one "
+                          "LoRA file")
+    if len(weights) == 2 and not Path(weights[1]).is_file():
+        raise ConfigError(f"--weight {args.weight}: LoRA file {weights[1]} does not exist")
     init_image = None
     if args.task == "img2img":
         from PIL import Image
@@ -142,6 +153,9 @@ def main(argv=None) -> None:
     engine = build_engine(args.config)
     if weights:
         load_weights(engine, weights[0])
+        if len(weights) == 2:
+            load_lora(engine, weights[1])
+            merge_lora(engine)  # fold the LoRA into the base weights: sampling then costs what the base costs
     else:
         _logger.warning("no --weight given: sampling with randomly initialised weights")
     sampler = Sampler(engine)

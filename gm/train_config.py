@@ -18,8 +18,6 @@ from omegaconf.errors import OmegaConfBaseException
 from gm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_UNET_TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-                        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 
 
 @dataclass
@@ -27,7 +25,8 @@ class LoraSection:
     rank: int = 4
     alpha: Optional[float] = None  # None: alpha = rank (scale 1), as diffusers/PEFT
     dropout: float = 0.0
-    unet_targets: List[str] = field(default_factory=lambda: list(DEFAULT_UNET_TARGETS))
+    # groups of UNet layers (gm.modules.lora): attn (to_q/k/v/out.0 of both attentions), ff, proj
+    unet_targets: List[str] = field(default_factory=lambda: ["attn"])
     train_text_encoder: bool = False
 
 
@@ -95,7 +94,8 @@ class TrainingConfig:
 
 # command-line flag -> config key (flags left unset keep the YAML value)
 FLAG_KEYS = {
-    "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "train_text_encoder": "lora.train_text_encoder",
+    "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "lora_unet_targets": "lora.unet_targets", "train_text_encoder": "lora.train_text_encoder",
     "learning_rate": "optim.learning_rate", "text_encoder_lr": "optim.text_encoder_lr",
     "lr_scheduler": "optim.lr_scheduler", "lr_warmup_steps": "optim.lr_warmup_steps",
     "max_grad_norm": "optim.max_grad_norm",

@@ -80,18 +80,20 @@ def load_config(config: str | os.PathLike | DictConfig) -> DictConfig:
 
 
 def build_engine(config: str | os.PathLike | DictConfig, allocate: bool = True) -> DiffusionEngine:
-    """Build the engine from a YAML config whose ``model`` key names ``DiffusionEngine``.
+    """Build the engine from a YAML config whose ``model`` key names ``DiffusionEngine`` (or from
+    that ``model`` section itself).
 
     ``allocate=False`` declares parameters without memory (MindSpore's deferred initialisation):
     enough to inspect names and shapes of the full 3.5 B-parameter model on a small machine.
     """
     cfg = load_config(config)
-    if "model" not in cfg:
+    if "model" not in cfg and "target" not in cfg:
         raise ConfigError(f"config {config} has no 'model' section")
+    model = cfg.model if "model" in cfg else cfg
     context = contextlib.nullcontext()
     if not allocate:
         from mindspore.nn.utils import no_init_parameters
 
         context = no_init_parameters()
     with context:
-        return instantiate_from_config(cfg.model)
+        return instantiate_from_config(model)

@@ -51,7 +51,8 @@ UNET_PREFIX = "model.diffusion_model."
 _BLOCK = "*.transformer_blocks.*."
 # UNet target groups (module paths under model.diffusion_model, fnmatch patterns)
 UNET_TARGET_GROUPS: Dict[str, Tuple[str, ...]] = {
-    "attn": tuple(f"{_BLOCK}{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")),
+    "attn": tuple(f"{_BLOCK}{attn}.{proj}" for attn in ("attn1", "attn2")
+                  for proj in ("to_q", "to_k", "to_v", "to_out.0")),
     "ff": (f"{_BLOCK}ff.net.0.proj", f"{_BLOCK}ff.net.2"),
     "proj": ("*.proj_in", "*.proj_out"),
 }
@@ -110,7 +111,7 @@ class LoRAConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def same_weights_layout(self, other: "LoRAConfig") -> bool:
+    def same_weights_layout(self, other: LoRAConfig) -> bool:
         """Whether LoRA weights of ``other`` fit and mean the same here (dropout aside)."""
         return (self.rank, self.alpha, self.unet_targets, self.text_encoder) == (
             other.rank, other.alpha, other.unet_targets, other.text_encoder)
@@ -121,7 +122,7 @@ class LoRAConfig:
                 "lora_unet_targets": ",".join(self.unet_targets), "lora_text_encoder": str(self.text_encoder).lower()}
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str]) -> "LoRAConfig":
+    def from_metadata(cls, metadata: Mapping[str, str]) -> LoRAConfig:
         """Inverse of ``to_metadata``; KeyError/ValueError/ConfigError on missing or bad entries."""
         flag = metadata["lora_text_encoder"]
         if flag not in ("true", "false"):
@@ -308,8 +309,9 @@ def _text_encoder_patterns(root: nn.Cell) -> List[Tuple[str, str, str]]:
                 patterns += [(f"{layers}.{i}.self_attn.{p}", "linear", "text_encoder")
                              for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
         elif isinstance(embedder, FrozenOpenCLIPEmbedder2):
-            used = embedder.num_layers if embedder.return_pooled or embedder.layer == "last" else embedder.num_layers - 1
-            for i in range(used):
+            # the pooled output and layer="last" run every block, the penultimate alone all but one
+            runs_all = embedder.return_pooled or embedder.layer == "last"
+            for i in range(embedder.num_layers if runs_all else embedder.num_layers - 1):
                 block = f"{prefix}model.transformer.resblocks.{i}.attn"
                 patterns += [(block, "packed", "text_encoder_2"), (f"{block}.out_proj", "linear", "text_encoder_2")]
     if not patterns:

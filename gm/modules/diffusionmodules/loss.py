@@ -102,9 +102,13 @@ class DreamBoothLoss(nn.Cell):
                                    name="loss.snr_gamma", requires_grad=False)
 
     def set_weights(self, prior_loss_weight: float, snr_gamma: Optional[float]) -> None:
-        """Change lambda and gamma (None: off) without recompiling."""
-        self.prior_loss_weight.set_data(Tensor(float(prior_loss_weight), ms.float32))
-        self.snr_gamma.set_data(Tensor(float("inf") if snr_gamma is None else float(snr_gamma), ms.float32))
+        """Change lambda and gamma (None: off) without recompiling.
+
+        ``ops.assign`` writes into the Parameter's memory; ``Parameter.set_data`` after a graph has
+        run can detach the Parameter from that graph (measured on MindSpore 2.10, graph mode).
+        """
+        ops.assign(self.prior_loss_weight, Tensor(float(prior_loss_weight), ms.float32))
+        ops.assign(self.snr_gamma, Tensor(float("inf") if snr_gamma is None else float(snr_gamma), ms.float32))
 
     def per_sample_loss(self, latents: Tensor, noise: Tensor, sigmas: Tensor, crossattn: Tensor,
                         vector: Tensor) -> Tensor:

@@ -26,8 +26,13 @@ from gm.modules.layers import Conv2d, GroupNorm, Identity, on_cpu_target, option
 VAE_NORM_EPS = 1e-6  # sgm's Normalize(); not GroupNorm's default 1e-5
 
 
+# From this many elements per sample on, group_norm_2d beats ops.group_norm on the CPU target
+# (measured: 0.7 vs 1.4 ms at (128, 32, 32), 23 vs 68 ms at (128, 256, 256)); below, its ops cost more.
+_FAST_NORM_MIN_ELEMENTS = 128 * 32 * 32
+
+
 class _GroupNorm(GroupNorm):
-    """layers.GroupNorm computed by ``cpu_kernels.group_norm_2d`` on the CPU target (~3x faster there)."""
+    """layers.GroupNorm computed by ``cpu_kernels.group_norm_2d`` on the CPU target for large inputs."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float):
         super().__init__(num_groups, num_channels, eps=eps)
@@ -35,7 +40,7 @@ class _GroupNorm(GroupNorm):
 
     def construct(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
-        if self.cpu:
+        if self.cpu and x.shape[1] * x.shape[2] * x.shape[3] >= _FAST_NORM_MIN_ELEMENTS:
             return group_norm_2d(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().construct(x)
 
@@ -66,7 +71,7 @@ def normalize(channels: int) -> GroupNorm:
 
 def _pointwise(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """1x1 convolution of ``x`` (B, I, L) with ``weight`` (O, I) and ``bias`` (O,) -> (B, O, L)."""
-    return ops.matmul(weight, x) + bias.reshape(1, -1, 1)
+    return ops.bias_add(ops.matmul(weight, x), bias)
 
 
 class ResnetBlock(nn.Cell):

@@ -1,0 +1,191 @@
+"""LoRA weight files: only the LoRA factors, under our parameter names, with the LoRA config as
+string metadata.
+
+- ``.safetensors``: the metadata sits in the header (``__metadata__``);
+- ``.ckpt`` (MindSpore protobuf, the training script's ``*_lora.ckpt``): the same metadata as one
+  JSON string entry ``gm_lora_metadata`` (``save_checkpoint(append_dict=...)``), so the file is
+  self-contained.
+
+Keys are the LoRA parameter names relative to the engine, e.g.
+``model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_down.weight``.
+Metadata: ``gm_lora_format_version``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
+``lora_unet_targets``, ``lora_text_encoder`` and whatever the caller adds (base model, step, ...).
+Writes are atomic (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple
+
+import numpy as np
+from mindspore import nn
+
+from gm.checkpoint.errors import CheckpointError, summarize_keys
+from gm.checkpoint.safetensors_io import SafetensorsFile
+from gm.checkpoint.save import save_weights
+from gm.errors import ConfigError
+from gm.modules.lora import (
+    LoRAConfig,
+    expected_lora_shapes,
+    inject_lora,
+    is_lora_parameter,
+    is_merged,
+    lora_config_of,
+    lora_parameters,
+    lora_state,
+    plan_lora,
+    set_lora_values,
+)
+
+_logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"
+VERSION_KEY = "gm_lora_format_version"
+CKPT_METADATA_KEY = "gm_lora_metadata"
+_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def save_lora(engine: nn.Cell, path: str | os.PathLike, metadata: Optional[Mapping[str, object]] = None) -> int:
+    """Write ``engine``'s LoRA factors (and nothing else) to ``path``; returns the tensor count.
+
+    Args:
+        engine: a model injected with ``gm.modules.lora.inject_lora`` (not merged).
+        path: ``*.safetensors`` or ``*.ckpt``.
+        metadata: extra entries (values are stored as strings), e.g. ``{"base_model": ..., "step": 400}``;
+            they may not reuse the LoRA config's keys.
+    """
+    path = Path(path)
+    if path.suffix not in _SUFFIXES:
+        raise CheckpointError(f"{path}: a LoRA file must end in .safetensors or .ckpt")
+    config = lora_config_of(engine)
+    if config is None:
+        raise CheckpointError("save_lora: the model has no LoRA layers (inject_lora first)")
+    if is_merged(engine):
+        raise CheckpointError("save_lora: the LoRA is merged into the base weights; unmerge_lora first")
+    header = {VERSION_KEY: FORMAT_VERSION, **config.to_metadata()}
+    clash = sorted(set(metadata or {}) & set(header))
+    if clash:
+        raise CheckpointError(f"save_lora: metadata keys {clash} are reserved for the LoRA config")
+    header.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    arrays = lora_state(engine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_weights(arrays.items(), path, metadata=header)
+    else:
+        _save_ckpt(path, arrays, header)
+    _logger.info("saved %d LoRA tensors to %s", len(arrays), path)
+    return len(arrays)
+
+
+def _save_ckpt(path: Path, arrays: Mapping[str, np.ndarray], header: Mapping[str, str]) -> None:
+    import mindspore as ms
+
+    tmp = path.with_name(path.name + ".tmp.ckpt")  # save_checkpoint insists on the .ckpt suffix
+    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(tmp),
+                       append_dict={CKPT_METADATA_KEY: json.dumps(dict(header), sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def read_lora_file(path: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """``(name -> array, metadata)`` of a LoRA file written by ``save_lora``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such LoRA file")
+    if path.suffix == ".safetensors":
+        source = SafetensorsFile(path)
+        return {name: source[name] for name in source}, dict(source.metadata)
+    if path.suffix == ".ckpt":
+        return _read_ckpt(path)
+    raise CheckpointError(f"{path}: unsupported LoRA file; give the .safetensors or .ckpt that training wrote")
+
+
+def _read_ckpt(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    import mindspore as ms
+
+    try:
+        entries = ms.load_checkpoint(str(path))
+    except Exception as err:  # MindSpore raises ValueError/RuntimeError with multi-line text
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None
+    raw = entries.pop(CKPT_METADATA_KEY, None)
+    metadata = {}
+    if raw is not None:
+        try:
+            metadata = json.loads(raw)
+        except (TypeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path}: entry '{CKPT_METADATA_KEY}' is not JSON") from None
+    odd = [k for k, v in entries.items() if not hasattr(v, "asnumpy")]
+    if odd:
+        raise CheckpointError(f"{path}: non-tensor entries {summarize_keys(odd)}")
+    return {name: p.asnumpy() for name, p in entries.items()}, metadata
+
+
+def lora_config_from_metadata(path: str | os.PathLike, metadata: Mapping[str, str]) -> LoRAConfig:
+    """The LoRAConfig recorded in a LoRA file's metadata, with one-line errors."""
+    if VERSION_KEY not in metadata:
+        raise CheckpointError(f"{path}: no '{VERSION_KEY}' metadata -- not a LoRA file written by this project "
+                              "(a base checkpoint goes first in --weight)")
+    if metadata[VERSION_KEY] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: LoRA format version {metadata[VERSION_KEY]}, this code reads "
+                              f"{FORMAT_VERSION}; update the code")
+    try:
+        return LoRAConfig.from_metadata(metadata)
+    except (KeyError, ValueError) as err:  # ConfigError is a ValueError
+        raise CheckpointError(f"{path}: bad LoRA metadata ({type(err).__name__}: {err})") from None
+
+
+def load_lora(engine: nn.Cell, path: str | os.PathLike) -> Dict[str, str]:
+    """Load a LoRA file into ``engine`` (whose base weights are already loaded).
+
+    Injects LoRA layers with the file's config when ``engine`` has none, or checks that its LoRA
+    has the same rank, alpha and targets. Every key and shape is checked before anything changes
+    (the engine is injected only once the file is known to fit). Returns the file's metadata.
+    """
+    arrays, metadata = read_lora_file(path)
+    config = lora_config_from_metadata(path, metadata)
+    not_lora = [k for k in arrays if not is_lora_parameter(k)]
+    if not_lora:
+        raise CheckpointError(f"{path}: {summarize_keys(not_lora)} keys are not LoRA factors -- a LoRA file "
+                              "holds only *.lora_down.weight / *.lora_up.weight (base weights go first in --weight)")
+    current = lora_config_of(engine)
+    if current is not None and is_merged(engine):
+        raise CheckpointError(f"{path}: the model's LoRA is merged; unmerge_lora before loading another")
+    if current is not None and not current.same_weights_layout(config):
+        raise CheckpointError(f"{path}: LoRA rank {config.rank} alpha {config.alpha:g} targets "
+                              f"{_describe(config)} does not match the model's rank {current.rank} alpha "
+                              f"{current.alpha:g} targets {_describe(current)}")
+    if current is None:
+        try:
+            expected = expected_lora_shapes(plan_lora(engine, config), config.rank)
+        except ConfigError as err:
+            raise CheckpointError(f"{path}: cannot apply this LoRA to the model ({err})") from None
+    else:
+        expected = {name: tuple(p.shape) for name, p in lora_parameters(engine).items()}
+    _check_keys(path, arrays, expected)
+    if current is None:
+        inject_lora(engine, config)
+    set_lora_values(engine, arrays)
+    _logger.info("loaded LoRA %s (rank %d, alpha %g, %d tensors)", path, config.rank, config.alpha, len(arrays))
+    return metadata
+
+
+def _describe(config: LoRAConfig) -> str:
+    parts = list(config.unet_targets) + (["text_encoder"] if config.text_encoder else [])
+    return "+".join(parts)
+
+
+def _check_keys(path, arrays: Mapping[str, np.ndarray], expected: Mapping[str, Tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: LoRA keys do not fit the model: missing {summarize_keys(missing, 3)}, "
+                              f"unexpected {summarize_keys(unexpected, 3)} -- was it trained with another config?")
+    wrong = [f"{k} file {tuple(np.shape(v))} vs model {expected[k]}" for k, v in arrays.items()
+             if tuple(np.shape(v)) != expected[k]]
+    if wrong:
+        raise CheckpointError(f"{path}: {len(wrong)} LoRA tensors have the wrong shape (first: {'; '.join(wrong[:2])})"
+                              " -- the rank in the metadata does not match the tensors, or another model size")
