@@ -178,12 +178,16 @@ def _describe(config: LoRAConfig) -> str:
     return "+".join(parts)
 
 
+def _count(keys) -> str:
+    return summarize_keys(keys, 3) if keys else "0"
+
+
 def _check_keys(path, arrays: Mapping[str, np.ndarray], expected: Mapping[str, Tuple[int, ...]]) -> None:
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{path}: LoRA keys do not fit the model: missing {summarize_keys(missing, 3)}, "
-                              f"unexpected {summarize_keys(unexpected, 3)} -- was it trained with another config?")
+        raise CheckpointError(f"{path}: LoRA keys do not fit the model: missing {_count(missing)}, unexpected "
+                              f"{_count(unexpected)} -- was it trained with another config?")
     wrong = [f"{k} file {tuple(np.shape(v))} vs model {expected[k]}" for k, v in arrays.items()
              if tuple(np.shape(v)) != expected[k]]
     if wrong:

@@ -20,7 +20,8 @@ class AutoencoderKL(nn.Cell):
     """Encoder -> quant_conv -> N(mean, var) posterior; post_quant_conv -> Decoder.
 
     Args:
-        embed_dim: latent channels (4 for SDXL); must equal ``ddconfig['z_channels']``.
+        embed_dim: latent channels after ``quant_conv`` (4 for SDXL; the encoder's own are
+            ``ddconfig['z_channels']``).
         ddconfig: the encoder/decoder config (``ch``, ``ch_mult``, ``num_res_blocks``,
             ``z_channels``, ``double_z`` (must be True), ``in_channels``, ``out_ch``, ``resolution``,
             ``attn_resolutions``, ``dropout``), shared by both halves as in sgm.

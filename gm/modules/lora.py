@@ -17,8 +17,8 @@ delta per slice, ``attn.in_proj_{q,k,v}.lora_{down,up}.weight``, which a kohya e
 ``lora_te2_text_model_encoder_layers_N_self_attn_{q,k,v}_proj``. ``lora_modules`` lists every
 LoRA with the official base weight (and row slice) it adds to, for exporters.
 
-Graph mode: a compiled cell keeps the graph of the structure it was compiled with, even after a
-child is replaced (measured on MindSpore 2.10). ``inject_lora``, ``merge_lora``,
+Graph mode (and ``ms.jit``): a compiled cell keeps the graph of the structure it was compiled
+with, even after a child is replaced (measured on MindSpore 2.10). ``inject_lora``, ``merge_lora``,
 ``unmerge_lora`` and ``unfreeze_text_encoders`` therefore drop every compiled graph
 (``mindspore.ms_memory_recycle``); the next call of any cell compiles afresh.
 
@@ -411,8 +411,8 @@ def _name_parameters(root: nn.Cell) -> None:
 
 
 def _drop_compiled_graphs() -> None:
-    if ms.get_context("mode") == ms.GRAPH_MODE:
-        ms.ms_memory_recycle()
+    # also in PyNative mode, where ms.jit functions keep compiled graphs
+    ms.ms_memory_recycle()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ official-format single file; posterior and decoded image must match the referenc
 1e-4 * max(1, max |reference|) in float32.
 """
 
+import logging
 from types import SimpleNamespace
 
 import mindspore as ms
@@ -113,7 +114,7 @@ def test_diffusers_folder_parity(vae, ref_vae, inputs, expected, tmp_path_factor
     _scramble(vae.cell)
     assert load_diffusers_component(vae.cell, folder, "vae") == 248
     diffs = _check_outputs(vae, inputs, expected)
-    print("diffusers folder max |diff|:", diffs)
+    logging.getLogger(__name__).info("diffusers folder: max |diff| %s", diffs)
 
 
 def test_official_single_file_parity(vae, ref_state, inputs, expected, tmp_path_factory):

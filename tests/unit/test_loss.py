@@ -24,8 +24,9 @@ from gm.errors import ConfigError
 from gm.modules.diffusionmodules.loss import DreamBoothLoss, sample_noise_and_sigmas
 
 RTOL = 1e-5
-# instance sigma 0.34, class sigma 0.14 -> min-SNR weights 0.59 and 0.095 at gamma 5
-SIGMA_IDX = np.array([100, 20])
+# B = 2 per half (instance first): sigmas 0.34, 3.33 | 0.14, 1.16 -> min-SNR weights at gamma 5:
+# 0.59, 1 | 0.095, 1, so each sample of both halves gets its own weight
+SIGMA_IDX = np.array([100, 700, 20, 400])
 
 
 def _assert_close(ours, theirs, what):
@@ -41,25 +42,20 @@ def setup(tiny_weights):
 
 
 @pytest.fixture(scope="module")
-def hand_written(setup):
-    """``sample arrays -> (loss, gradients)`` of the hand-written loss of one sample (compiled once)."""
+def reference(setup):
+    """A batch of 2 instance + 2 class samples and, per sample, the hand-written loss and its
+    gradients (one compiled graph, called once per sample)."""
     engine, weights = setup
     cell = ValueAndGrads(EpsMSE(engine), weights)
-
-    def run(latents, noise, sigma, crossattn, vector):
-        timestep = engine.denoiser.sigma_to_idx(ms.Tensor(sigma)).astype(ms.float32)
-        value, grads = cell(*to_tensors((latents, noise, sigma)), timestep, *to_tensors((crossattn, vector)))
-        return float(value.asnumpy()), [g.asnumpy().astype(np.float64) for g in grads]
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def reference(setup, hand_written):
-    """A batch of B = 1 per half and the per-half hand-written losses and gradients."""
-    engine, _ = setup
-    batch = make_batch(np.random.default_rng(0), 2, engine, SIGMA_IDX)
-    return batch, [hand_written(*(a[i:i + 1] for a in batch)) for i in range(2)]
+    batch = make_batch(np.random.default_rng(0), 4, engine, SIGMA_IDX)
+    timesteps = SIGMA_IDX.astype(np.float32)  # the sigmas' indices in the training table
+    values, grads = [], []
+    for i in range(4):
+        latents, noise, sigma, crossattn, vector = to_tensors(a[i:i + 1] for a in batch)
+        value, sample_grads = cell(latents, noise, sigma, ms.Tensor(timesteps[i:i + 1]), crossattn, vector)
+        values.append(float(value.asnumpy()))
+        grads.append([g.asnumpy().astype(np.float64) for g in sample_grads])
+    return batch, np.array(values), grads
 
 
 @pytest.fixture(scope="module")
@@ -72,40 +68,19 @@ def compiled_loss(setup):
 @pytest.mark.parametrize("prior_loss_weight,snr_gamma", [(0.0, None), (0.5, None), (1.0, None), (0.5, 5.0)])
 def test_loss_and_gradients_match_hand_written(compiled_loss, reference, prior_loss_weight, snr_gamma):
     loss_cell, loss_and_grads = compiled_loss
-    batch, ((value_i, grads_i), (value_c, grads_c)) = reference
+    batch, values, sample_grads = reference
     loss_cell.set_weights(prior_loss_weight, snr_gamma)  # no recompilation: held as Parameters
     (loss, loss_instance, loss_class), grads = loss_and_grads(*to_tensors(batch))
 
-    w_i, w_c = snr_weight(batch[2], snr_gamma)
-    expected_i, expected_c = w_i * value_i, w_c * value_c
-    _assert_close(loss_instance.asnumpy(), expected_i, "loss_instance")
-    _assert_close(loss_class.asnumpy(), expected_c, "loss_class")
-    _assert_close(loss.asnumpy(), expected_i + prior_loss_weight * expected_c, "loss")
-    for name, grad, g_i, g_c in zip(TRAINABLE, grads, grads_i, grads_c):
-        _assert_close(grad.asnumpy(), w_i * g_i + prior_loss_weight * w_c * g_c, f"gradient of {name}")
-
-
-def test_min_snr_weights_each_sample_of_both_halves(setup, hand_written):
-    """B = 2 per half with four different sigmas: each sample gets its own weight, in both halves."""
-    engine, _ = setup
-    batch = make_batch(np.random.default_rng(1), 4, engine, [100, 700, 20, 400])
-    per_sample = np.array([hand_written(*(a[i:i + 1] for a in batch))[0] for i in range(4)])
-    weighted = snr_weight(batch[2], 5.0) * per_sample
-    prior = DreamBoothLoss(engine, with_prior_preservation=True, prior_loss_weight=0.5, snr_gamma=5.0)
-    single = DreamBoothLoss(engine, with_prior_preservation=False, snr_gamma=5.0)
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # forward only: cheaper than compiling two more graphs
-    try:
-        loss, loss_instance, loss_class = prior(*to_tensors(batch))
-        single = single(*to_tensors(batch))
-    finally:
-        ms.set_context(mode=ms.GRAPH_MODE)
+    # per-half means of the weighted per-sample losses; the same combination of their gradients
+    coef = snr_weight(batch[2], snr_gamma) * np.array([0.5, 0.5, 0.5 * prior_loss_weight, 0.5 * prior_loss_weight])
+    weighted = snr_weight(batch[2], snr_gamma) * values
     _assert_close(loss_instance.asnumpy(), weighted[:2].mean(), "loss_instance")
     _assert_close(loss_class.asnumpy(), weighted[2:].mean(), "loss_class")
-    _assert_close(loss.asnumpy(), weighted[:2].mean() + 0.5 * weighted[2:].mean(), "loss")
-    # without prior preservation all samples are instance samples
-    _assert_close(single[0].asnumpy(), weighted.mean(), "loss without prior preservation")
-    _assert_close(single[1].asnumpy(), weighted.mean(), "loss_instance without prior preservation")
-    assert float(single[2].asnumpy()) == 0.0
+    _assert_close(loss.asnumpy(), (coef * values).sum(), "loss")
+    for k, (name, grad) in enumerate(zip(TRAINABLE, grads)):
+        expected = sum(c * g[k] for c, g in zip(coef, sample_grads))
+        _assert_close(grad.asnumpy(), expected, f"gradient of {name}")
 
 
 def test_sample_noise_and_sigmas_is_seeded_and_offsets_per_channel(setup):
@@ -139,9 +114,9 @@ def test_text_encoder_variant_computes_conditioning_in_graph(tiny_weights, compi
     loss_cell = DreamBoothLoss(engine, with_prior_preservation=True, train_text_encoder=True)
 
     rng = np.random.default_rng(2)
-    latents, noise, sigmas = make_batch(rng, 2, engine)[:3]
+    latents, noise, sigmas = make_batch(rng, 4, engine)[:3]
     cond_inputs = conditioner.prepare_inputs({
-        "txt": ["a photo of sks dog", "a photo of dog"], "original_size_as_tuple": [64, 64],
+        "txt": ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2, "original_size_as_tuple": [64, 64],
         "crop_coords_top_left": [0, 0], "target_size_as_tuple": [64, 64]})
     args = to_tensors((latents, noise, sigmas))
     ms.set_context(mode=ms.PYNATIVE_MODE)
@@ -158,3 +133,20 @@ def test_text_encoder_variant_computes_conditioning_in_graph(tiny_weights, compi
     _assert_close(grads[0].asnumpy(), expected_grads[0].asnumpy().astype(np.float64), "UNet gradient")
     text_grad = grads[-1].asnumpy()
     assert np.isfinite(text_grad).all() and np.abs(text_grad).max() > 0
+
+
+def test_without_prior_preservation_every_sample_is_an_instance_sample(setup, reference):
+    """Without prior preservation: the mean over all samples of the weighted per-sample losses
+    (PyNative forward: cheaper than compiling another graph)."""
+    engine, _ = setup
+    batch, values, _ = reference
+    loss_cell = DreamBoothLoss(engine, with_prior_preservation=False, snr_gamma=5.0)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        loss, loss_instance, loss_class = loss_cell(*to_tensors(batch))
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    expected = (snr_weight(batch[2], 5.0) * values).mean()
+    _assert_close(loss.asnumpy(), expected, "loss")
+    _assert_close(loss_instance.asnumpy(), expected, "loss_instance")
+    assert float(loss_class.asnumpy()) == 0.0

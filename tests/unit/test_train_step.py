@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from mindspore import Parameter, Tensor, nn, ops
-from tiny_training import TRAINABLE, build_tiny_engine, make_batch, to_tensors
+from tiny_training import LATE_TRAINABLE, TRAINABLE, build_tiny_engine, make_batch, to_tensors
 
 from gm.errors import ConfigError
 from gm.modules.diffusionmodules.loss import DreamBoothLoss
@@ -188,7 +188,7 @@ def test_mixed_precision_is_refused_on_cpu(tiny_weights):
 @pytest.fixture(scope="module")
 def dreambooth(tiny_weights):
     """One engine and loss; steps with k = 1 (batch of 2 instance + 2 class) and k = 2 (1 + 1)."""
-    engine, _ = build_tiny_engine(tiny_weights)
+    engine, _ = build_tiny_engine(tiny_weights, LATE_TRAINABLE)
     loss_cell = DreamBoothLoss(engine, with_prior_preservation=True, prior_loss_weight=0.5, snr_gamma=5.0)
 
     def make_step(k):
