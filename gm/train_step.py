@@ -17,12 +17,25 @@ the norm of the mean gradient accumulated so far (before clipping), and two bool
 this call found non-finite gradients at an update and whether it updated the weights.
 
 Graph mode and PyNative run the same ``construct``. The step counts micro-batches itself
-(``micro_step``), so the host calls it k times per update with the same ``lrs``.
+(``micro_step``), so the host calls it k times per update with the same ``lrs``::
+
+    step = TrainStep(DreamBoothLoss(engine, ...), build_optimizer(parameter_groups(engine, ...)),
+                     grad_accum_steps=k, max_grad_norm=1.0, loss_scale=loss_scale_config(precision))
+    for update in range(max_train_steps):
+        lrs = step.learning_rates(schedule(update))        # gm.optim.LRSchedule, per update
+        for _ in range(k):
+            loss, loss_instance, loss_class, grad_norm, overflow, updated = step(lrs, *batch_inputs)
+        # overflow: log a warning, the update was skipped
+
+Data parallel: build the step after ``gm.parallel.init_parallel`` has set the parallel mode.
+Keep input shapes fixed (drop the last incomplete batch): a new shape recompiles the graph.
+State (optimizer moments, accumulators, loss scale) lives in Parameters; to overwrite one after
+the graph has run use ``ops.assign`` -- ``Parameter.set_data`` then detaches it from the graph
+(measured on MindSpore 2.10: the graph keeps updating the old memory).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -32,8 +45,6 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.context import ParallelMode
 
 from gm.errors import ConfigError
-
-_logger = logging.getLogger(__name__)
 
 _add = ops.MultitypeFuncGraph("add")
 _scale = ops.MultitypeFuncGraph("scale")

@@ -170,6 +170,10 @@ def read_ckpt(path: str | os.PathLike) -> Dict[str, np.ndarray]:
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with multi-line text
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None
+    extra = sorted(name for name, p in params.items() if not hasattr(p, "asnumpy"))
+    if extra:  # save_checkpoint(append_dict=...) entries, e.g. a LoRA file's metadata
+        raise CheckpointError(f"{path}: holds non-tensor entries ({', '.join(extra[:3])}) -- a LoRA file? "
+                              "give it after the base weights: --weight base,lora")
     return {name: p.asnumpy() for name, p in params.items()}
 
 

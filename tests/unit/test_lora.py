@@ -303,6 +303,8 @@ def test_bad_lora_files_are_rejected(lora, lora_files, tiny_weights, tmp_path):
         load_lora(lora["engine"], missing)
     with pytest.raises(CheckpointError, match="not a LoRA file"):
         load_lora(lora["engine"], tiny_weights.single_file)
+    with pytest.raises(CheckpointError, match="a LoRA file\\? give it after the base weights"):
+        load_weights(lora["engine"], lora_files["ckpt"])  # the swapped order
 
     # a rank-8 LoRA into a model holding a rank-4 one
     rank8 = build_engine(tiny_weights.config)

@@ -303,3 +303,24 @@ def test_non_finite_gradients_skip_the_update(dreambooth):
     step(lrs, *to_tensors(micro[2]))
     out = step(lrs, *to_tensors(micro[3]))
     assert bool(out[5].asnumpy()) and np.isfinite(float(out[3].asnumpy()))
+
+
+def test_zero_init_residual_outputs_flag():
+    """sgm zero-initialises the residual branches' last layers; False (a random base to train LoRA
+    on) keeps them random, or every LoRA gradient would be 0."""
+    from omegaconf import OmegaConf
+
+    from gm.modules.attention import SpatialTransformer
+    from gm.modules.diffusionmodules.openaimodel import ResBlock
+    from gm.util import instantiate_from_config
+
+    config = OmegaConf.load("configs/inference/sd_xl_tiny.yaml").model.params.network_config
+    for zero_init in (True, False):
+        config.params.zero_init_residual_outputs = zero_init
+        unet = instantiate_from_config(config)
+        params = {n: p.asnumpy() for n, p in unet.parameters_and_names()
+                  if n.startswith("out.2.") or ".out_layers.3." in n or ".proj_out." in n}
+        blocks = [c for _, c in unet.cells_and_names() if isinstance(c, (ResBlock, SpatialTransformer))]
+        assert len(params) == 2 * (len(blocks) + 1)  # weight and bias of each block's last layer and out.2
+        zeros = [name for name, value in params.items() if not np.abs(value).max()]
+        assert (len(zeros) == len(params)) if zero_init else not zeros
