@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gm.errors import ConfigError
+from gm.optim import LR_SCHEDULERS
+from gm.precision import PRECISIONS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,8 +112,6 @@ FLAG_KEYS = {
     "num_validation_images": "sampling.num_validation_images", "sample_steps": "sampling.num_steps",
     "guidance_scale": "sampling.guidance_scale",
 }
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def _resolve_path(path: str, relative_to: Path) -> Path:
