@@ -1,11 +1,10 @@
-"""Build SDXL from a config, round-trip its weights through every format, and run one forward.
+"""Build SDXL from a config, load weights, report parameter counts and time one forward pass.
 
-    python tools/check_model.py --config configs/inference/sd_xl_tiny.yaml
     python tools/check_model.py --config configs/inference/sd_xl_base.yaml --weight sd_xl_base_1.0.safetensors
+    python tools/check_model.py --config configs/inference/sd_xl_tiny.yaml
 
-Without --weight the model keeps its random initial weights. Reports parameter counts per
-component, checks that the weights survive official .safetensors -> .ckpt -> load unchanged,
-and times one conditioning + denoising + decoding pass.
+Without --weight the model keeps its random initial weights. The forward pass is one
+conditioning + denoising + decoding at --resolution.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,10 +20,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from gm.checkpoint.load import COMPONENTS, component_cell, engine_state, load_weights, parameters_of  # noqa: E402
-from gm.checkpoint.save import save_weights  # noqa: E402
+from gm.checkpoint.load import COMPONENTS, component_cell, load_weights, parameters_of  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
-from gm.errors import UserError  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
 
 _logger = logging.getLogger("gm.check_model")
@@ -54,19 +50,6 @@ def main(argv=None) -> None:
         params = parameters_of(component_cell(engine, name))
         _logger.info("%-15s %13s parameters in %4d tensors", name,
                      f"{sum(int(np.prod(p.shape)) for p in params.values()):,}", len(params))
-
-    before = engine_state(engine)
-    with tempfile.TemporaryDirectory() as tmp:
-        single, ckpt = Path(tmp) / "model.safetensors", Path(tmp) / "model.ckpt"
-        save_weights(before.items(), single)
-        load_weights(engine, single)
-        save_weights(engine_state(engine).items(), ckpt)
-        load_weights(engine, ckpt)
-    after = engine_state(engine)
-    changed = [k for k in before if not np.array_equal(before[k], after[k])]
-    if changed:
-        raise UserError(f"{len(changed)} tensors changed in the .safetensors -> .ckpt round trip: {changed[:3]}")
-    _logger.info("weights round-trip through .safetensors and .ckpt unchanged (%d tensors)", len(before))
 
     size = args.resolution
     batch = {"txt": ["a photo of sks dog"], "original_size_as_tuple": np.array([[size, size]]),

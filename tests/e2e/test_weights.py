@@ -136,3 +136,11 @@ def test_bad_weight_file_gives_one_line_error(tiny_weights, tmp_path, damage):
     assert expected in lines[-1] and str(bad) in lines[-1]
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_check_model_tool_loads_and_runs(tiny_weights):
+    result = subprocess.run([sys.executable, "tools/check_model.py", "--config", str(tiny_weights.config),
+                             "--weight", str(tiny_weights.diffusers_dir), "--resolution", "64"],
+                            cwd=tiny_weights.config.parents[2], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "unet" in result.stderr and "crossattn (1, 77, 96), vector (1, 1600), image (1, 3, 64, 64)" in result.stderr
