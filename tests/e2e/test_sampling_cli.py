@@ -98,3 +98,24 @@ def test_bad_flag_values_give_one_line_errors(tiny_weights, tmp_path, flags, exp
     assert expected in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_img2img_keeps_more_of_the_input_at_lower_strength(tiny_weights, tmp_path):
+    # an input image the tiny VAE reconstructs reasonably: smooth colour gradients
+    ramp = np.linspace(0, 255, SIZE, dtype=np.float32)
+    source = np.stack([np.tile(ramp, (SIZE, 1)), np.tile(ramp[:, None], (1, SIZE)),
+                       np.full((SIZE, SIZE), 128.0)], axis=-1).astype(np.uint8)
+    Image.fromarray(source).save(tmp_path / "input.png")
+    distances = {}
+    for strength in ("0.25", "1.0"):
+        out = tmp_path / f"s{strength}"
+        cmd = [sys.executable, "demo/sampling_without_streamlit.py", "--task", "img2img", "--img",
+               str(tmp_path / "input.png"), "--strength", strength, "--config", str(tiny_weights.config),
+               "--weight", str(tiny_weights.single_file), "--prompt", PROMPT, "--width", str(SIZE),
+               "--height", str(SIZE), "--sample_step", "8", "--save_path", str(out)]
+        result = subprocess.run(cmd, cwd=tiny_weights.config.parents[2], capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        image = np.asarray(Image.open(out / "000000.png")).astype(float)
+        distances[strength] = np.abs(image - source).mean()
+    assert distances["0.25"] < distances["1.0"]
