@@ -335,7 +335,9 @@ def use_folder_tokenizers(engine: nn.Cell, folder: Path) -> None:
         if sub is not None and sub.is_dir():
             embedder = component_cell(engine, comp.name)
             old = embedder.tokenizer
-            embedder.tokenizer = CLIPTextTokenizer(old.pad_token, old.max_length, sub)
+            tokenizer = CLIPTextTokenizer(old.pad_token, old.max_length, sub)
+            _ = tokenizer.hf_tokenizer  # read the files now, while the folder is known to exist
+            embedder.tokenizer = tokenizer
 
 
 def engine_state(engine: nn.Cell) -> Dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer
 
+from gm.errors import ConfigError
 from gm.modules.embedders.tokenizer import BPE_PATH, EOT_TOKEN, OPEN_CLIP_PAD_TOKEN, CLIPTextTokenizer
 
 PROMPTS = [
@@ -112,5 +113,5 @@ def test_known_ids_and_edge_cases():
 def test_bad_inputs_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="prompts must be strings"):
         CLIPTextTokenizer()(["ok", None])
-    with pytest.raises(FileNotFoundError, match="tokenizer folder"):
+    with pytest.raises(ConfigError, match="tokenizer folder"):
         CLIPTextTokenizer(folder=tmp_path / "missing")(["a"])

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from gm.errors import ConfigError
+
 BPE_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
@@ -86,7 +88,7 @@ def build_hf_tokenizer(pad_token: str, max_length: int = MAX_LENGTH, folder: Opt
     if folder is not None:
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"tokenizer folder {folder} does not exist; give a diffusers tokenizer/ or "
+            raise ConfigError(f"tokenizer folder {folder} does not exist; give a diffusers tokenizer/ or "
                                     "tokenizer_2/ folder, or leave tokenizer_path unset to use the shipped vocabulary")
         return CLIPTokenizer.from_pretrained(str(folder), pad_token=pad_token, model_max_length=max_length)
     # transformers 5 ignores vocab_file=/merges_file= here and silently builds a 2-token tokenizer,
