@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
@@ -107,6 +105,18 @@ def main(argv=None) -> None:
     setup_logging()
     check_inputs(args)
 
+    from gm.inference import set_mode
+    from gm.parallel import init_parallel, stop_on_collective_failure
+
+    set_mode(args.ms_mode, args.device_target)
+    parallel = init_parallel(args.is_parallel, args.device_target)  # an msrun scheduler's process ends here
+    setup_logging(parallel.rank)
+    with stop_on_collective_failure(parallel):
+        train(args, cfg, parallel)
+
+
+def train(args: argparse.Namespace, cfg, parallel) -> None:
+    """Build, top up class images, train and save; ``parallel``: this process's ``ParallelContext``."""
     import mindspore as ms
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
@@ -114,23 +124,23 @@ def main(argv=None) -> None:
     from gm.checkpoint.load import load_weights
     from gm.data.class_images import generate_class_images
     from gm.data.dreambooth import DreamBoothDataset, model_inputs
-    from gm.inference import Sampler, save_images, set_mode
+    from gm.inference import Sampler, save_images
     from gm.models.diffusion import build_engine
-    from gm.modules.diffusionmodules.loss import DreamBoothLoss, sample_noise_and_sigmas
+    from gm.modules.diffusionmodules.loss import DreamBoothLoss
     from gm.modules.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
     from gm.optim import LRSchedule, build_optimizer, parameter_groups
-    from gm.parallel import barrier, init_parallel
+    from gm.parallel import barrier, check_ranks_agree, gather_rows, parameters_bytes
     from gm.precision import apply_mixed_precision
     from gm.train_step import TrainStep, loss_scale_config
-    from gm.training import CheckpointWriter, FrozenInputs, fixed_noise_instance_loss
+    from gm.training import CheckpointWriter, FrozenInputs, fixed_noise_instance_loss, per_sample_draws
 
-    set_mode(args.ms_mode, args.device_target)
-    parallel = init_parallel(args.is_parallel)
-    setup_logging(parallel.rank)
     save_path = Path(args.save_path)
     with_prior = bool(args.class_data_path) and cfg.train.prior_loss_weight > 0
+    effective = {**OmegaConf.to_container(cfg, resolve=True), "cli": vars(args), "world_size": parallel.world_size}
+    check_ranks_agree(parallel, json.dumps(effective, sort_keys=True).encode(), "the resolved config and flags")
 
     # -- the model ------------------------------------------------------------------------------
+    ms.set_seed(cfg.train.seed)  # every rank draws the same random initial weights (LoRA A, a random base)
     engine = build_engine(cfg.model)
     if args.weight:
         load_weights(engine, args.weight)
@@ -138,19 +148,25 @@ def main(argv=None) -> None:
         _logger.warning("no --weight given: training on a randomly initialised base (fine for the tiny default)")
     sampler = Sampler(engine)
     if with_prior:
-        generate_class_images(sampler, args.class_data_path, args.class_prompt, cfg.train.num_class_images,
-                              cfg.train.sample_batch_size, sampling_options(cfg, cfg.train.seed),
-                              parallel.rank, parallel.world_size, barrier=lambda: barrier(parallel))
+        made = generate_class_images(sampler, args.class_data_path, args.class_prompt, cfg.train.num_class_images,
+                                     cfg.train.sample_batch_size, sampling_options(cfg, cfg.train.seed),
+                                     parallel.rank, parallel.world_size, barrier=lambda: barrier(parallel))
+        _logger.info("class images generated per rank: %s", gather_rows(parallel, [made])[:, 0].astype(int).tolist())
     dataset = DreamBoothDataset(
         args.instance_data_path, args.instance_prompt, class_dir=args.class_data_path if with_prior else None,
         class_prompt=args.class_prompt, resolution=cfg.data.resolution, center_crop=cfg.data.center_crop,
         random_flip=cfg.data.random_flip, repeats=cfg.data.repeats,
         num_class_images=cfg.train.num_class_images, seed=cfg.train.seed)
+    images = [f"{p} {p.stat().st_size}" for p in dataset.instance_paths + dataset.class_paths]
+    check_ranks_agree(parallel, "\n".join(images).encode(), "the instance/class image files (several machines: "
+                      "put --instance_data_path and --class_data_path on a filesystem they share)")
     lora = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                       unet_targets=tuple(cfg.lora.unet_targets), text_encoder=cfg.lora.train_text_encoder)
     inject_lora(engine, lora)
     mark_only_lora_trainable(engine)
     apply_mixed_precision(engine, cfg.train.mixed_precision)
+    lora_params = [(name, p) for name, p in engine.parameters_and_names() if p.requires_grad]
+    check_ranks_agree(parallel, parameters_bytes(lora_params), "the initial LoRA weights")
 
     # -- the training step ----------------------------------------------------------------------
     loss_cell = DreamBoothLoss(engine, with_prior_preservation=with_prior,
@@ -166,13 +182,11 @@ def main(argv=None) -> None:
                            loss_scale=loss_scale_config(cfg.train.mixed_precision, cfg.train.loss_scale))
     schedule = LRSchedule(optim.lr_scheduler, optim.lr_warmup_steps, cfg.train.max_train_steps)
     frozen = FrozenInputs(engine, train_text_encoder=lora.text_encoder)
-    rng = np.random.default_rng([cfg.train.seed, parallel.rank])
     writer = CheckpointWriter(save_path / "checkpoints", keep=cfg.train.max_num_ckpt, enabled=parallel.is_main,
                               metadata={"base_model": args.weight or "random-init", "config": args.config,
                                         "instance_prompt": args.instance_prompt})
     if parallel.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
-        effective = {**OmegaConf.to_container(cfg, resolve=True), "cli": vars(args)}
         OmegaConf.save(OmegaConf.create(effective), save_path / "config.yaml")
     probe = fixed_noise_instance_loss(loss_cell, frozen, dataset, seed=cfg.train.seed)
     log = (save_path / "train_log.jsonl").open("a") if parallel.is_main else None
@@ -186,8 +200,11 @@ def main(argv=None) -> None:
         lrs = train_step.learning_rates(schedule(step))
         for micro in range(accum):
             batch = dataset.batch(step * accum + micro, cfg.data.batch_size, parallel.rank, parallel.world_size)
-            latents, cond_inputs = frozen(*model_inputs(batch), rng)
-            noise, sigmas = sample_noise_and_sigmas(rng, latents.shape, engine.denoiser, cfg.train.noise_offset)
+            pixels, cond_batch = model_inputs(batch)
+            posterior_noise, noise, sigmas = per_sample_draws(
+                cfg.train.seed, batch["positions"], 2 if with_prior else 1, frozen.latent_shape(pixels),
+                engine.denoiser, cfg.train.noise_offset)
+            latents, cond_inputs = frozen(pixels, cond_batch, posterior_noise)
             loss, loss_instance, loss_class, grad_norm, overflow, _ = train_step(
                 lrs, latents, ms.Tensor(noise), ms.Tensor(sigmas), *cond_inputs)
         record = {"step": step + 1, "loss": float(loss.asnumpy()), "loss_instance": float(loss_instance.asnumpy()),
@@ -213,12 +230,14 @@ def main(argv=None) -> None:
                         weights=str(writer.latest))
     loss_after = probe()
     _logger.info("fixed-noise instance loss after training: %.6f (before: %.6f)", loss_after, loss_before)
+    digests = check_ranks_agree(parallel, parameters_bytes(lora_params), "the trained LoRA weights")
+    _logger.info("trained LoRA identical on all %d ranks (sha256 %s)", parallel.world_size, digests[0][:16])
     if log is not None:
         log.close()
         summary = {"steps": cfg.train.max_train_steps, "latest_lora": str(writer.latest),
-                   "fixed_noise_instance_loss_before": loss_before, "fixed_noise_instance_loss_after": loss_after}
+                   "fixed_noise_instance_loss_before": loss_before, "fixed_noise_instance_loss_after": loss_after,
+                   "world_size": parallel.world_size, "lora_sha256_per_rank": digests}
         (save_path / "summary.json").write_text(json.dumps(summary, indent=2))
-    barrier(parallel)
 
 
 if __name__ == "__main__":

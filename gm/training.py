@@ -1,18 +1,51 @@
-"""Training-run plumbing around the train step: the frozen inputs (VAE latents, text conditioning)
-computed outside the gradient, the fixed-noise progress probe, and LoRA checkpoint writing."""
+"""Training-run plumbing around the train step: the per-sample random draws, the frozen inputs
+(VAE latents, text conditioning) computed outside the gradient, the fixed-noise progress probe, and
+LoRA checkpoint writing."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from mindspore import Tensor, nn
 
 from gm.checkpoint.lora import save_lora
+from gm.modules.diffusionmodules.loss import sample_noise_and_sigmas
 
 _logger = logging.getLogger(__name__)
+# SeedSequence entropy word of the training draws (the dataset's order/class/augment streams are 0-2)
+_DRAW_STREAM = 3
+
+
+def per_sample_draws(seed: int, positions: Sequence[int], num_kinds: int, latent_shape: Tuple[int, int, int],
+                     denoiser, noise_offset: float = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The random draws of one micro-batch, each sample's a function of its global stream position.
+
+    Row order as ``gm.data.dreambooth.model_inputs``: every position's instance sample (kind 0),
+    then, with prior preservation, every position's class sample (kind 1). Row ``(kind, p)`` draws
+    from ``default_rng([seed, 3, p, kind])``: the VAE posterior noise, then sigma and noise as
+    ``sample_noise_and_sigmas``. So a sample gets the same draws whichever rank trains it and
+    whatever the batch size: W ranks x batch B see exactly what 1 process x batch W*B sees, and a
+    resumed run continues the same stream.
+
+    Args:
+        positions: (B,) the batch's stream positions (``batch["positions"]``).
+        num_kinds: 1 (instance only) or 2 (instance + class).
+        latent_shape: (C, H/8, W/8).
+    Returns:
+        ``(posterior_noise, noise, sigmas)``: float32 (N, C, h, w), (N, C, h, w), (N,) with N = kinds x B.
+    """
+    posterior, noise, sigmas = [], [], []
+    for kind in range(num_kinds):
+        for position in positions:
+            rng = np.random.default_rng([seed, _DRAW_STREAM, int(position), kind])
+            posterior.append(rng.standard_normal((1, *latent_shape), dtype=np.float32))
+            row_noise, row_sigma = sample_noise_and_sigmas(rng, (1, *latent_shape), denoiser, noise_offset)
+            noise.append(row_noise)
+            sigmas.append(row_sigma)
+    return np.concatenate(posterior), np.concatenate(noise), np.concatenate(sigmas)
 
 
 class EncodeStep(nn.Cell):
@@ -30,9 +63,10 @@ class FrozenInputs:
     """The work no gradient flows through, done once per micro-batch before the train step.
 
     Returns ``(latents, cond_inputs)``: latents (N, 4, R/8, R/8) sampled from the VAE posterior
-    (as diffusers' ``latent_dist.sample()``; the posterior mean when ``rng`` is None) and either
-    the precomputed ``(crossattn, vector)`` or, when the text encoders train, the conditioner's
-    token-id and size inputs (the conditioning is then computed inside the gradient).
+    with the given unit noise (as diffusers' ``latent_dist.sample()``; the posterior mean when the
+    noise is None) and either the precomputed ``(crossattn, vector)`` or, when the text encoders
+    train, the conditioner's token-id and size inputs (the conditioning is then computed inside
+    the gradient).
     """
 
     def __init__(self, engine: nn.Cell, train_text_encoder: bool = False):
@@ -40,10 +74,15 @@ class FrozenInputs:
         self.encode_step = EncodeStep(engine)
         self.train_text_encoder = train_text_encoder
 
-    def latents(self, pixels: np.ndarray, rng: Optional[np.random.Generator]) -> Tensor:
-        n, _, height, width = pixels.shape
-        shape = (n, 4, height // 8, width // 8)
-        noise = np.zeros(shape, np.float32) if rng is None else rng.standard_normal(shape, dtype=np.float32)
+    @staticmethod
+    def latent_shape(pixels: np.ndarray) -> Tuple[int, int, int]:
+        """(C, H/8, W/8) of the latents of ``pixels`` (N, 3, H, W)."""
+        return 4, pixels.shape[2] // 8, pixels.shape[3] // 8
+
+    def latents(self, pixels: np.ndarray, noise: Optional[np.ndarray]) -> Tensor:
+        """pixels (N, 3, H, W), noise (N, 4, H/8, W/8) float32 or None (posterior mean)."""
+        if noise is None:
+            noise = np.zeros((pixels.shape[0], *self.latent_shape(pixels)), np.float32)
         return self.encode_step(Tensor(pixels), Tensor(noise))
 
     def conditioning(self, cond_batch: Mapping) -> Tuple[Tensor, ...]:
@@ -54,8 +93,8 @@ class FrozenInputs:
         return cond["crossattn"], cond["vector"]
 
     def __call__(self, pixels: np.ndarray, cond_batch: Mapping,
-                 rng: Optional[np.random.Generator]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        return self.latents(pixels, rng), self.conditioning(cond_batch)
+                 posterior_noise: Optional[np.ndarray]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        return self.latents(pixels, posterior_noise), self.conditioning(cond_batch)
 
 
 class _PerSampleLoss(nn.Cell):
