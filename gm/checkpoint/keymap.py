@@ -1,14 +1,14 @@
 """Declarative key maps: which source tensors make each of our parameters, and how.
 
 A map is a list of ``KeyRule``; it is derived per model from the model's own parameter names
-(see ``diffusers_*.py``), never kept by hand. The same rules convert real arrays (loading),
-shapes only (checking full-size models without memory) and run in reverse (exporting).
+(see ``diffusers_*.py``), never kept by hand. The same rules convert real arrays (loading) and
+shapes only (checking full-size models without memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -98,27 +98,3 @@ def rule_shapes(rules: Sequence[KeyRule], source_shapes: Mapping[str, Sequence[i
     """Shapes the rules produce from ``source_shapes`` (no data touched)."""
     return {r.target: _OPS[r.op][1]([tuple(source_shapes[s]) for s in r.sources]) for r in rules
             if all(s in source_shapes for s in r.sources)}
-
-
-def invert_rules(rules: Sequence[KeyRule], ours: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Export: split our arrays back into source keys (the inverse of ``apply_rules``)."""
-    out: Dict[str, np.ndarray] = {}
-    for rule in rules:
-        if rule.target not in ours:
-            continue
-        value = np.asarray(ours[rule.target])
-        if rule.op == "copy":
-            out[rule.sources[0]] = value
-        elif rule.op == "transpose":
-            out[rule.sources[0]] = np.ascontiguousarray(value.T)
-        elif rule.op == "linear_to_conv":
-            out[rule.sources[0]] = value.reshape(value.shape[:2])
-        elif rule.op == "cat0":
-            for name, part in zip(rule.sources, np.split(value, len(rule.sources), axis=0)):
-                out[name] = part
-    return out
-
-
-def prefixed(rules: Iterable[KeyRule], target_prefix: str = "", source_prefix: str = "") -> List[KeyRule]:
-    """The same rules with prefixes added to targets and sources (component -> whole model)."""
-    return [KeyRule(target_prefix + r.target, tuple(source_prefix + s for s in r.sources), r.op) for r in rules]
