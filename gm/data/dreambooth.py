@@ -297,10 +297,6 @@ class PairSchedule:
         start = (step * world_size + rank) * batch_size
         return range(start, start + batch_size)
 
-    def epoch_of_step(self, step: int, batch_size: int, world_size: int = 1) -> float:
-        """Epochs completed (fractional) after ``step`` global steps: for logs and schedules."""
-        return step * batch_size * world_size / self.pairs_per_epoch
-
 
 # --------------------------------------------------------------------------------------------
 # Dataset and collation

@@ -34,9 +34,6 @@ class DiscreteDenoiser(nn.Cell):
         dists = ops.abs(sigma.reshape(1, -1) - self.sigmas.reshape(-1, 1))  # (num_idx, B)
         return ops.argmin(dists, axis=0).astype(ms.int32)
 
-    def idx_to_sigma(self, idx: Tensor) -> Tensor:
-        return ops.gather(self.sigmas, idx, 0)
-
     def possibly_quantize_c_noise(self, c_noise: Tensor) -> Tensor:
         if self.quantize_c_noise:
             return self.sigma_to_idx(c_noise).astype(ms.float32)
