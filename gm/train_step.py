@@ -47,7 +47,6 @@ from mindspore.context import ParallelMode
 from gm.errors import ConfigError
 
 _add = ops.MultitypeFuncGraph("add")
-_scale = ops.MultitypeFuncGraph("scale")
 _square_sum = ops.MultitypeFuncGraph("square_sum")
 _keep_or_zero = ops.MultitypeFuncGraph("keep_or_zero")
 
@@ -57,14 +56,10 @@ def _add_tensors(a, b):
     return a + b
 
 
-@_scale.register("Tensor", "Tensor")
-def _scale_tensor(factor, grad):
-    return grad * factor.astype(grad.dtype)
-
-
-@_square_sum.register("Tensor")
-def _square_sum_tensor(grad):
-    return (grad.astype(ms.float32) ** 2).sum()
+@_square_sum.register("Tensor", "Tensor")
+def _square_sum_tensor(factor, grad):
+    # unscaled before squaring: the square of a loss-scaled fp16 gradient can overflow float32
+    return ops.square(grad.astype(ms.float32) * factor).sum()
 
 
 @_keep_or_zero.register("Tensor", "Tensor", "Tensor")
@@ -124,7 +119,7 @@ class TrainStep(nn.Cell):
 
     Args:
         loss_cell: ``(*inputs) -> (loss, loss_instance, loss_class)``, e.g. ``DreamBoothLoss``.
-        optimizer: ``gm.optim.build_optimizer(...)`` (mindspore.experimental AdamW); its parameters
+        optimizer: ``gm.optim.build_optimizer(...)`` (``FusedAdamW``); its parameters
             are the trainable ones.
         grad_accum_steps: k micro-batches per update.
         max_grad_norm: clip the global gradient norm to this; None or <= 0 disables clipping.
@@ -180,24 +175,24 @@ class TrainStep(nn.Cell):
             self.hyper_map(ops.partial(_keep_or_zero, keep), self.accum_grads, grads)
         ops.assign(self.micro_step, ops.where(keep, micro_step, ops.zeros_like(micro_step)))
         unscale = 1.0 / (self.loss_scale * self.grad_accum_steps)
-        grads = self.hyper_map(ops.partial(_scale, unscale), grads)
-        grad_norm = ops.sqrt(ops.addn(self.hyper_map(_square_sum, grads)))
+        grad_norm = ops.sqrt(ops.addn(self.hyper_map(ops.partial(_square_sum, unscale), grads)))
         finite = ops.isfinite(grad_norm)
         updated = ops.logical_and(is_last, finite)
         if updated:
-            loss = ops.depend(loss, self._update(lrs, grads, grad_norm))
+            loss = ops.depend(loss, self._update(lrs, grads, unscale, grad_norm))
         if self.dynamic_scale:
             self._adjust_loss_scale(is_last, finite)
         return loss, loss_instance, loss_class, grad_norm, ops.logical_and(is_last, ops.logical_not(finite)), updated
 
-    def _update(self, lrs: Tensor, grads: Tuple[Tensor, ...], grad_norm: Tensor):
+    def _update(self, lrs: Tensor, grads: Tuple[Tensor, ...], unscale: Tensor, grad_norm: Tensor):
+        """One optimizer update with ``grads * unscale``, clipped: one scalar factor for all parameters."""
+        coef = unscale
         if self.clip:
             # torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1
-            coef = ops.minimum(self.max_grad_norm / (grad_norm + 1e-6), 1.0)
-            grads = self.hyper_map(ops.partial(_scale, coef), grads)
+            coef = coef * ops.minimum(self.max_grad_norm / (grad_norm + 1e-6), 1.0)
         for i in range(len(self.base_lrs)):
             ops.assign(self.optimizer.lrs[i], lrs[i])
-        return self.optimizer(grads)
+        return self.optimizer(grads, coef)
 
     def _adjust_loss_scale(self, is_last: Tensor, finite: Tensor) -> None:
         """torch GradScaler.update at each update call: back off on overflow, grow after a clean run."""
