@@ -13,19 +13,24 @@ is saved as --save_path/config.yaml.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
 import time
-from pathlib import Path
+
+PROCESS_START = time.perf_counter()  # summary.json timings count from here (imports included)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from omegaconf import OmegaConf  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
-from gm.train_config import FLAG_KEYS, load_training_config  # noqa: E402
+from gm.train_config import FLAG_KEYS, load_training_config, use_cache  # noqa: E402
 
 _logger = logging.getLogger("gm.train")
 
@@ -50,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ms_mode", type=int, default=0, help="0: graph mode, 1: PyNative")
     p.add_argument("--device_target", default="CPU")
     p.add_argument("--is_parallel", type=str2bool, nargs="?", const=True, default=False)
+    p.add_argument("--compile_cache", default=None,
+                   help="folder for MindSpore's persistent graph cache (default: ~/.cache/sdxl_dreambooth_ms/"
+                        "compile, one subfolder per model/shape/code version); 'off' disables it")
     flags = {  # flag -> (type, help); unset flags keep the YAML value
         "num_class_images": (int, "top the class folder up to this many images"),
         "prior_loss_weight": (float, "lambda in loss = instance + lambda * class"),
@@ -66,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "validation_steps": (int, None), "num_validation_images": (int, None), "snr_gamma": (float, "min-SNR-gamma"),
         "noise_offset": (float, None), "sample_steps": (int, "sampler steps for class/validation images"),
         "guidance_scale": (float, None),
+        "cache_latents": (str2bool, "VAE latents and text conditioning computed once before training "
+                                    "(default on; with --train_text_encoder the latents only)"),
+        "gradient_checkpointing": (str2bool, "recompute activations in backward: less memory, ~30%% slower"),
     }
     assert set(flags) <= set(FLAG_KEYS) | {"lora_unet_targets"}
     for name, (kind, help_text) in flags.items():
@@ -105,10 +116,15 @@ def main(argv=None) -> None:
     setup_logging()
     check_inputs(args)
 
+    from gm.compile_cache import cache_key, enable_compile_cache
     from gm.inference import set_mode
     from gm.parallel import init_parallel, stop_on_collective_failure
 
     set_mode(args.ms_mode, args.device_target)
+    with_prior = bool(args.class_data_path) and cfg.train.prior_loss_weight > 0
+    enable_compile_cache(args.compile_cache, cache_key(
+        OmegaConf.to_container(cfg, resolve=True), ms_mode=args.ms_mode, device=args.device_target,
+        with_prior=with_prior, is_parallel=args.is_parallel))
     parallel = init_parallel(args.is_parallel, args.device_target)  # an msrun scheduler's process ends here
     setup_logging(parallel.rank)
     with stop_on_collective_failure(parallel):
@@ -118,12 +134,12 @@ def main(argv=None) -> None:
 def train(args: argparse.Namespace, cfg, parallel) -> None:
     """Build, top up class images, train and save; ``parallel``: this process's ``ParallelContext``."""
     import mindspore as ms
-    from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 
     from gm.checkpoint.load import load_weights
     from gm.data.class_images import generate_class_images
-    from gm.data.dreambooth import DreamBoothDataset, model_inputs
+    from gm.data.dreambooth import DreamBoothDataset
+    from gm.frozen_inputs import CachedInputs, FrozenInputs, latent_shape, release_frozen_modules
     from gm.inference import Sampler, save_images
     from gm.models.diffusion import build_engine
     from gm.modules.diffusionmodules.loss import DreamBoothLoss
@@ -132,8 +148,10 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     from gm.parallel import barrier, check_ranks_agree, gather_rows, parameters_bytes
     from gm.precision import apply_mixed_precision
     from gm.train_step import TrainStep, loss_scale_config
-    from gm.training import CheckpointWriter, FrozenInputs, fixed_noise_instance_loss, per_sample_draws
+    from gm.training import CheckpointWriter, fixed_noise_instance_loss, per_sample_draws, probe_positions
 
+    start_time = PROCESS_START
+    timings = {}  # seconds since the process started, and per-phase medians: summary.json "timings"
     save_path = Path(args.save_path)
     with_prior = bool(args.class_data_path) and cfg.train.prior_loss_weight > 0
     effective = {**OmegaConf.to_container(cfg, resolve=True), "cli": vars(args), "world_size": parallel.world_size}
@@ -181,32 +199,54 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     train_step = TrainStep(loss_cell, optimizer, grad_accum_steps=accum, max_grad_norm=optim.max_grad_norm,
                            loss_scale=loss_scale_config(cfg.train.mixed_precision, cfg.train.loss_scale))
     schedule = LRSchedule(optim.lr_scheduler, optim.lr_warmup_steps, cfg.train.max_train_steps)
-    frozen = FrozenInputs(engine, train_text_encoder=lora.text_encoder)
+    accum_positions = [p for step in range(cfg.train.max_train_steps) for micro in range(accum)
+                       for p in dataset.schedule.positions(step * accum + micro, cfg.data.batch_size,
+                                                           parallel.rank, parallel.world_size)]
+    timings["build_s"] = round(time.perf_counter() - start_time, 2)
+    rows = cfg.data.batch_size * (2 if with_prior else 1)  # per micro-batch
+    if use_cache(cfg):
+        frozen = CachedInputs(engine, dataset, [*accum_positions, *probe_positions(dataset)], chunk=rows,
+                              train_text_encoder=lora.text_encoder)
+        keep_sampling = bool(cfg.sampling.validation_prompt) or lora.text_encoder
+        released = release_frozen_modules(engine, keep_sampling=keep_sampling)
+        _logger.info("released %.1f M frozen parameters no longer needed after caching", released / 1e6)
+    else:
+        frozen = FrozenInputs(engine, train_text_encoder=lora.text_encoder)
     writer = CheckpointWriter(save_path / "checkpoints", keep=cfg.train.max_num_ckpt, enabled=parallel.is_main,
                               metadata={"base_model": args.weight or "random-init", "config": args.config,
                                         "instance_prompt": args.instance_prompt})
     if parallel.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(effective), save_path / "config.yaml")
-    probe = fixed_noise_instance_loss(loss_cell, frozen, dataset, seed=cfg.train.seed)
+    probe = fixed_noise_instance_loss(loss_cell, frozen, dataset, seed=cfg.train.seed,
+                                      chunk=rows)
+    timings["frozen_inputs_s"] = round(time.perf_counter() - start_time - timings["build_s"], 2)
     log = (save_path / "train_log.jsonl").open("a") if parallel.is_main else None
     loss_before = probe()
+    timings["probe_s"] = round(time.perf_counter() - start_time - timings["build_s"] - timings["frozen_inputs_s"], 2)
     _logger.info("fixed-noise instance loss before training: %.6f", loss_before)
 
     # -- the loop -------------------------------------------------------------------------------
+    phases = {"data_s": [], "frozen_s": [], "step_s": []}  # host batch + draws, VAE/text (or lookup), train step
     bar = tqdm(range(cfg.train.max_train_steps), desc="training", disable=not parallel.is_main)
     for step in bar:
         start = time.perf_counter()
         lrs = train_step.learning_rates(schedule(step))
         for micro in range(accum):
+            t0 = time.perf_counter()
             batch = dataset.batch(step * accum + micro, cfg.data.batch_size, parallel.rank, parallel.world_size)
-            pixels, cond_batch = model_inputs(batch)
             posterior_noise, noise, sigmas = per_sample_draws(
-                cfg.train.seed, batch["positions"], 2 if with_prior else 1, frozen.latent_shape(pixels),
-                engine.denoiser, cfg.train.noise_offset)
-            latents, cond_inputs = frozen(pixels, cond_batch, posterior_noise)
+                cfg.train.seed, batch["positions"], 2 if with_prior else 1,
+                latent_shape(batch["instance_pixels"]), engine.denoiser, cfg.train.noise_offset)
+            t1 = time.perf_counter()
+            latents, cond_inputs = frozen(batch, posterior_noise)
+            t2 = time.perf_counter()
             loss, loss_instance, loss_class, grad_norm, overflow, _ = train_step(
                 lrs, latents, ms.Tensor(noise), ms.Tensor(sigmas), *cond_inputs)
+            loss.asnumpy()
+            phases["data_s"].append(t1 - t0)
+            phases["frozen_s"].append(t2 - t1)
+            phases["step_s"].append(time.perf_counter() - t2)
         record = {"step": step + 1, "loss": float(loss.asnumpy()), "loss_instance": float(loss_instance.asnumpy()),
                   "loss_class": float(loss_class.asnumpy()), "lr": float(lrs.asnumpy()[0]),
                   "grad_norm": float(grad_norm.asnumpy()), "overflow": bool(overflow.asnumpy()),
@@ -218,6 +258,8 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
             log.flush()
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         done = step + 1
+        if done == 1:
+            timings["first_step_s"] = round(time.perf_counter() - start_time, 2)
         if done % cfg.train.save_ckpt_interval == 0 or done == cfg.train.max_train_steps:
             writer.save(engine, done)
         prompt = cfg.sampling.validation_prompt
@@ -236,8 +278,16 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
         log.close()
         summary = {"steps": cfg.train.max_train_steps, "latest_lora": str(writer.latest),
                    "fixed_noise_instance_loss_before": loss_before, "fixed_noise_instance_loss_after": loss_after,
-                   "world_size": parallel.world_size, "lora_sha256_per_rank": digests}
+                   "world_size": parallel.world_size, "lora_sha256_per_rank": digests,
+                   "cached_inputs": frozen.cached, "timings": {**timings, **_median_phases(phases)}}
         (save_path / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _median_phases(phases) -> dict:
+    """Median seconds per micro-batch of each loop phase, after the first step (compilation)."""
+    import statistics
+
+    return {f"median_{name}": round(statistics.median(values[1:] or values), 4) for name, values in phases.items()}
 
 
 if __name__ == "__main__":

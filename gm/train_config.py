@@ -68,6 +68,10 @@ class TrainSection:
     seed: int = 0
     save_ckpt_interval: int = 500
     max_num_ckpt: Optional[int] = None  # keep the newest N checkpoints; None keeps all
+    # VAE moments and text conditioning computed once before the loop (gm.frozen_inputs);
+    # None: on unless the text encoders train (then the latents only are cached when True)
+    cache_latents: Optional[bool] = None
+    gradient_checkpointing: bool = False  # recompute ResBlock/transformer activations in backward
 
 
 @dataclass
@@ -108,6 +112,7 @@ FLAG_KEYS = {
     "sample_batch_size": "train.sample_batch_size", "snr_gamma": "train.snr_gamma",
     "noise_offset": "train.noise_offset", "mixed_precision": "train.mixed_precision", "seed": "train.seed",
     "save_ckpt_interval": "train.save_ckpt_interval", "max_num_ckpt": "train.max_num_ckpt",
+    "cache_latents": "train.cache_latents", "gradient_checkpointing": "train.gradient_checkpointing",
     "validation_prompt": "sampling.validation_prompt", "validation_steps": "sampling.validation_steps",
     "num_validation_images": "sampling.num_validation_images", "sample_steps": "sampling.num_steps",
     "guidance_scale": "sampling.guidance_scale",
@@ -147,9 +152,16 @@ def load_training_config(path: str | os.PathLike, overrides: Optional[Mapping[st
     model = OmegaConf.load(base).model
     if cfg.model is not None:
         model = OmegaConf.merge(model, cfg.model)
+    if cfg.train.gradient_checkpointing:
+        model = OmegaConf.merge(model, {"params": {"network_config": {"params": {"use_checkpoint": True}}}})
     cfg.model = model
     validate(cfg, path)
     return cfg
+
+
+def use_cache(cfg: DictConfig) -> bool:
+    """Whether the frozen inputs are cached: ``train.cache_latents``, by default on."""
+    return True if cfg.train.cache_latents is None else bool(cfg.train.cache_latents)
 
 
 def validate(cfg: DictConfig, path: Path) -> None:

@@ -1,17 +1,18 @@
-"""Training-run plumbing around the train step: the per-sample random draws, the frozen inputs
-(VAE latents, text conditioning) computed outside the gradient, the fixed-noise progress probe, and
-LoRA checkpoint writing."""
+"""Training-run plumbing around the train step: the per-sample random draws, the fixed-noise
+progress probe, and LoRA checkpoint writing (the frozen inputs are in ``gm.frozen_inputs``)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mindspore import Tensor, nn
 
 from gm.checkpoint.lora import save_lora
+from gm.data.dreambooth import collate, model_inputs
+from gm.frozen_inputs import FrozenInputs, sample_latents
 from gm.modules.diffusionmodules.loss import sample_noise_and_sigmas
 
 _logger = logging.getLogger(__name__)
@@ -48,55 +49,6 @@ def per_sample_draws(seed: int, positions: Sequence[int], num_kinds: int, latent
     return np.concatenate(posterior), np.concatenate(noise), np.concatenate(sigmas)
 
 
-class EncodeStep(nn.Cell):
-    """Images (N, 3, R, R) in [-1, 1] -> scaled latents, sampling the posterior with ``noise``."""
-
-    def __init__(self, engine: nn.Cell):
-        super().__init__(auto_prefix=False)
-        self.engine = engine
-
-    def construct(self, images: Tensor, noise: Tensor) -> Tensor:
-        return self.engine.encode_first_stage(images, noise)
-
-
-class FrozenInputs:
-    """The work no gradient flows through, done once per micro-batch before the train step.
-
-    Returns ``(latents, cond_inputs)``: latents (N, 4, R/8, R/8) sampled from the VAE posterior
-    with the given unit noise (as diffusers' ``latent_dist.sample()``; the posterior mean when the
-    noise is None) and either the precomputed ``(crossattn, vector)`` or, when the text encoders
-    train, the conditioner's token-id and size inputs (the conditioning is then computed inside
-    the gradient).
-    """
-
-    def __init__(self, engine: nn.Cell, train_text_encoder: bool = False):
-        self.engine = engine
-        self.encode_step = EncodeStep(engine)
-        self.train_text_encoder = train_text_encoder
-
-    @staticmethod
-    def latent_shape(pixels: np.ndarray) -> Tuple[int, int, int]:
-        """(C, H/8, W/8) of the latents of ``pixels`` (N, 3, H, W)."""
-        return 4, pixels.shape[2] // 8, pixels.shape[3] // 8
-
-    def latents(self, pixels: np.ndarray, noise: Optional[np.ndarray]) -> Tensor:
-        """pixels (N, 3, H, W), noise (N, 4, H/8, W/8) float32 or None (posterior mean)."""
-        if noise is None:
-            noise = np.zeros((pixels.shape[0], *self.latent_shape(pixels)), np.float32)
-        return self.encode_step(Tensor(pixels), Tensor(noise))
-
-    def conditioning(self, cond_batch: Mapping) -> Tuple[Tensor, ...]:
-        conditioner = self.engine.conditioner
-        if self.train_text_encoder:
-            return conditioner.prepare_inputs(cond_batch)
-        cond = conditioner.encode(cond_batch)
-        return cond["crossattn"], cond["vector"]
-
-    def __call__(self, pixels: np.ndarray, cond_batch: Mapping,
-                 posterior_noise: Optional[np.ndarray]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        return self.latents(pixels, posterior_noise), self.conditioning(cond_batch)
-
-
 class _PerSampleLoss(nn.Cell):
     def __init__(self, loss_cell: nn.Cell):
         super().__init__(auto_prefix=False)
@@ -106,31 +58,42 @@ class _PerSampleLoss(nn.Cell):
         return self.loss_cell.per_sample_loss(latents, noise, sigmas, crossattn, vector)
 
 
-def fixed_noise_instance_loss(loss_cell: nn.Cell, frozen: FrozenInputs, dataset, seed: int,
+def fixed_noise_instance_loss(loss_cell: nn.Cell, frozen: FrozenInputs, dataset, seed: int, chunk: int,
                               sigma_indices: Tuple[int, ...] = (99, 299, 499, 699, 899)) -> Callable[[], float]:
-    """A progress probe: the mean denoising loss over every instance image at fixed noise levels
-    and fixed noise (posterior means, the first crop of each image), recomputed with the current
-    weights on each call. Unlike the training loss it does not move with the random draws."""
-    views = [dataset.sample(i)["instance"] for i in range(len(dataset.instance_paths))]
-    pixels = np.stack([v["pixels"] for v in views])
-    batch = {"txt": [v["prompt"] for v in views]}
-    for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"):
-        batch[key] = np.stack([v[key] for v in views])
-    n, k = len(views), len(sigma_indices)
+    """A progress probe: the mean denoising loss over the instance samples at the first
+    :func:`probe_positions` at fixed noise levels and fixed noise (posterior means), recomputed
+    with the current weights on each call. Unlike the training loss it does not move with the
+    random draws. The latents (and, with frozen text encoders, the conditioning) are computed once.
+    Runs ``chunk`` rows per call (the training micro-batch's rows: its activation memory)."""
+    samples = [dataset.sample(p) for p in probe_positions(dataset)]
+    batch = {k: v for k, v in collate(samples).items() if not k.startswith("class_")}
+    mean, _ = frozen.batch_moments(batch)
+    _, cond_batch = model_inputs(batch)
+    n, k = len(samples), len(sigma_indices)
     repeat = np.repeat(np.arange(n), k)  # image i at every noise level
+    latents = sample_latents(mean, None, None, frozen.engine.scale_factor)[repeat]
     sigmas = np.tile(np.asarray(frozen.engine.denoiser.sigmas_np, np.float32)[list(sigma_indices)], n)
-    latent_shape = (4, pixels.shape[2] // 8, pixels.shape[3] // 8)
-    noise = np.random.default_rng([seed, 7919]).standard_normal((n * k, *latent_shape)).astype(np.float32)
+    noise = np.random.default_rng([seed, 7919]).standard_normal((n * k, *mean.shape[1:])).astype(np.float32)
     per_sample = _PerSampleLoss(loss_cell)
+    fixed_cond = None if frozen.train_text_encoder else frozen.batch_conditioning(cond_batch)
+    rows = np.arange(n * k)
+    chunks = [np.resize(rows[i:i + chunk], chunk) for i in range(0, n * k, chunk)]  # last one padded by repeats
 
     def probe() -> float:
-        latents = frozen.latents(pixels, None).asnumpy()[repeat]
-        cond = frozen.engine.conditioner.encode(batch)
-        losses = per_sample(Tensor(latents), Tensor(noise), Tensor(sigmas),
-                            Tensor(cond["crossattn"].asnumpy()[repeat]), Tensor(cond["vector"].asnumpy()[repeat]))
-        return float(losses.asnumpy().mean())
+        crossattn, vector = fixed_cond or frozen.encode_conditioning(cond_batch)
+        crossattn, vector = crossattn[repeat], vector[repeat]
+        losses = np.zeros(n * k, np.float64)
+        for idx in chunks:
+            out = per_sample(*(Tensor(a[idx]) for a in (latents, noise, sigmas, crossattn, vector)))
+            losses[idx] = out.asnumpy()
+        return float(losses.mean())
 
     return probe
+
+
+def probe_positions(dataset) -> range:
+    """Stream positions of the progress probe's samples: the first epoch's first pass over the photos."""
+    return range(len(dataset.instance_paths))
 
 
 class CheckpointWriter:

@@ -392,6 +392,8 @@ class DreamBoothDataset:
             "crop_coords_top_left": np.array((crop.top, crop.left), np.float32),
             "target_size_as_tuple": np.array((self.resolution, self.resolution), np.float32),
             "flipped": crop.flip,
+            # what the pixels are a function of: the latent cache's key
+            "variant": (str(path), crop.top, crop.left, crop.flip),
         }
 
     def sample(self, position: int) -> Dict[str, object]:
@@ -399,7 +401,8 @@ class DreamBoothDataset:
 
         Returns ``{"instance": view, "class": view or None, "pair": PairIndex}``; a view holds
         ``pixels`` float32 (3, R, R) in [-1, 1], ``prompt``, the three float32 (2,) size entries
-        (:data:`SIZE_KEYS`) and ``flipped``.
+        (:data:`SIZE_KEYS`), ``flipped`` and ``variant`` (``(path, top, left, flip)``: the pixels
+        are a function of it).
         """
         pair = self.schedule.pair(position)
         rng = np.random.default_rng([self.schedule.seed, _AUGMENT_STREAM, position])
@@ -430,8 +433,10 @@ def collate(samples: Sequence[Mapping[str, object]]) -> Dict[str, object]:
 
     Returns ``instance_pixels`` float32 (B, 3, R, R); ``instance_prompts`` list of B str;
     ``instance_<k>`` float32 (B, 2) for k in :data:`SIZE_KEYS`; ``instance_indices`` and
-    ``positions`` int64 (B,); and, when the samples have class views, the same ``class_*`` entries
-    (``class_pixels``, ``class_prompts``, ``class_<k>``, ``class_indices``).
+    ``positions`` int64 (B,); ``instance_variants`` (B image-variant keys, see
+    :meth:`DreamBoothDataset.sample`); and, when the samples have class views, the same
+    ``class_*`` entries (``class_pixels``, ``class_prompts``, ``class_<k>``, ``class_variants``,
+    ``class_indices``).
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -444,6 +449,7 @@ def collate(samples: Sequence[Mapping[str, object]]) -> Dict[str, object]:
         views = [s[kind] for s in samples]
         batch[f"{kind}_pixels"] = np.stack([v["pixels"] for v in views])
         batch[f"{kind}_prompts"] = [v["prompt"] for v in views]
+        batch[f"{kind}_variants"] = [v["variant"] for v in views]
         for key in SIZE_KEYS:
             batch[f"{kind}_{key}"] = np.stack([v[key] for v in views])
     if "class" in kinds:

@@ -1,0 +1,212 @@
+"""The work no gradient flows through: VAE posterior moments and text conditioning of the training
+samples, either computed for every micro-batch (:class:`FrozenInputs`) or once for every image
+variant and prompt the run will use (:class:`CachedInputs`, ``--cache_latents``).
+
+Both produce the train step's inputs the same way, so they give the same loss for the same draws:
+
+* the VAE graph returns the posterior ``(mean, std)`` of each image; the latent is sampled on the
+  host, ``(mean + std * noise) * scale_factor`` (as diffusers' ``latent_dist.sample()``; the
+  posterior mean when the noise is None). The cache stores ``(mean, std)``, not a latent, so every
+  step still draws its own posterior sample from the sample's stream position;
+* the conditioner returns ``crossattn`` (a function of the prompt) and ``vector`` (of the prompt
+  and the micro-conditioning sizes, which follow the crop). The cache keeps one ``crossattn`` per
+  prompt and one ``vector`` per (prompt, sizes).
+
+With the text encoders trained, the conditioning is computed inside the gradient and only the
+latents can be cached (the token ids and sizes are then passed through).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from gm.data.dreambooth import SIZE_KEYS, model_inputs
+
+_logger = logging.getLogger(__name__)
+
+
+class EncodeMoments(nn.Cell):
+    """Images (N, 3, R, R) in [-1, 1] -> the VAE posterior's ``(mean, std)``, each (N, 4, R/8, R/8)."""
+
+    def __init__(self, engine: nn.Cell):
+        super().__init__(auto_prefix=False)
+        self.engine = engine
+
+    def construct(self, images: Tensor) -> Tuple[Tensor, Tensor]:
+        mean, logvar = self.engine.first_stage_model.encode(images)
+        return mean, ops.exp(0.5 * logvar)
+
+
+def sample_latents(mean: np.ndarray, std: np.ndarray, noise: Optional[np.ndarray], scale_factor: float) -> np.ndarray:
+    """Scaled latents from posterior moments and unit noise (the mean when ``noise`` is None), float32."""
+    latents = mean if noise is None else mean + std * noise
+    return (latents * np.float32(scale_factor)).astype(np.float32)
+
+
+def latent_shape(pixels: np.ndarray) -> Tuple[int, int, int]:
+    """(C, H/8, W/8) of the latents of ``pixels`` (N, 3, H, W)."""
+    return 4, pixels.shape[2] // 8, pixels.shape[3] // 8
+
+
+def _row_variants(batch: Mapping) -> List[Hashable]:
+    kinds = ["instance"] + (["class"] if "class_pixels" in batch else [])
+    return [v for kind in kinds for v in batch[f"{kind}_variants"]]
+
+
+def _cond_keys(cond_batch: Mapping) -> List[Tuple]:
+    """One hashable key per row of a conditioner batch: the prompt and the three sizes."""
+    return [(prompt, *(tuple(float(x) for x in cond_batch[key][i]) for key in SIZE_KEYS))
+            for i, prompt in enumerate(cond_batch["txt"])]
+
+
+class FrozenInputs:
+    """Per micro-batch: VAE moments and conditioning of the batch's rows, computed now.
+
+    ``__call__(batch, posterior_noise) -> (latents, cond_inputs)``: ``batch`` a collated
+    :class:`gm.data.dreambooth.DreamBoothDataset` batch, ``posterior_noise`` (N, 4, h, w) or None;
+    latents a Tensor (N, 4, h, w); cond_inputs ``(crossattn, vector)`` Tensors, or with
+    ``train_text_encoder`` the conditioner's inputs (token ids and sizes).
+    """
+
+    cached = False
+
+    def __init__(self, engine: nn.Cell, train_text_encoder: bool = False):
+        self.engine = engine
+        self.train_text_encoder = train_text_encoder
+        self._encode = EncodeMoments(engine)
+
+    def moments(self, pixels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        mean, std = self._encode(Tensor(pixels))
+        return mean.asnumpy(), std.asnumpy()
+
+    def encode_conditioning(self, cond_batch: Mapping) -> Tuple[np.ndarray, np.ndarray]:
+        cond = self.engine.conditioner.encode(cond_batch)
+        return cond["crossattn"].asnumpy(), cond["vector"].asnumpy()
+
+    def batch_moments(self, batch: Mapping) -> Tuple[np.ndarray, np.ndarray]:
+        return self.moments(model_inputs(batch)[0])
+
+    def batch_conditioning(self, cond_batch: Mapping) -> Tuple[np.ndarray, np.ndarray]:
+        return self.encode_conditioning(cond_batch)
+
+    def __call__(self, batch: Mapping, posterior_noise: Optional[np.ndarray]) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        _, cond_batch = model_inputs(batch)
+        mean, std = self.batch_moments(batch)
+        latents = Tensor(sample_latents(mean, std, posterior_noise, self.engine.scale_factor))
+        if self.train_text_encoder:
+            return latents, self.engine.conditioner.prepare_inputs(cond_batch)
+        crossattn, vector = self.batch_conditioning(cond_batch)
+        return latents, (Tensor(crossattn), Tensor(vector))
+
+
+class CachedInputs(FrozenInputs):
+    """:class:`FrozenInputs` computed once, before the loop, for every row the run will train on.
+
+    Args:
+        engine: the diffusion engine (its VAE and conditioner are used here only, and may be
+            released afterwards with :func:`release_frozen_modules`).
+        dataset: the ``DreamBoothDataset``.
+        positions: every stream position this process will train on (and any the progress probe
+            uses); each distinct image variant ``(path, crop, flip)`` and (prompt, sizes) row
+            among them is computed once.
+        chunk: rows per VAE/text-encoder call (the micro-batch's row count: the same compiled
+            shape as the uncached path).
+        train_text_encoder: cache the latents only.
+    """
+
+    cached = True
+
+    def __init__(self, engine: nn.Cell, dataset, positions: Iterable[int], chunk: int,
+                 train_text_encoder: bool = False):
+        super().__init__(engine, train_text_encoder)
+        pixels: Dict[Hashable, np.ndarray] = {}
+        cond_rows: Dict[Tuple, Dict[str, object]] = {}
+        for position in sorted(set(int(p) for p in positions)):
+            sample = dataset.sample(position)
+            for view in (sample["instance"], sample["class"]):
+                if view is None:
+                    continue
+                pixels.setdefault(view["variant"], view["pixels"])
+                row = {"txt": view["prompt"], **{key: view[key] for key in SIZE_KEYS}}
+                cond_rows.setdefault(_cond_keys(_as_batch([row]))[0], row)
+        self.moments_by_variant = self._encode_chunks(list(pixels), [pixels[k] for k in pixels], chunk)
+        self.crossattn_by_prompt: Dict[str, np.ndarray] = {}
+        self.vector_by_key: Dict[Tuple, np.ndarray] = {}
+        if not train_text_encoder:
+            keys = list(cond_rows)
+            for start in range(0, len(keys), chunk):
+                part = keys[start:start + chunk]
+                padded = part + [part[-1]] * (chunk - len(part))
+                crossattn, vector = self.encode_conditioning(_as_batch([cond_rows[k] for k in padded]))
+                for i, key in enumerate(part):
+                    self.crossattn_by_prompt.setdefault(key[0], crossattn[i])
+                    self.vector_by_key[key] = vector[i]
+        self._encode = None  # everything is cached: drop the VAE graph (and its hold on the weights)
+        nbytes = sum(m.nbytes + s.nbytes for m, s in self.moments_by_variant.values())
+        nbytes += sum(a.nbytes for a in self.crossattn_by_prompt.values())
+        nbytes += sum(a.nbytes for a in self.vector_by_key.values())
+        _logger.info("cached VAE moments of %d image variants and the conditioning of %d prompts / %d size rows "
+                     "(%.1f MB)", len(self.moments_by_variant), len(self.crossattn_by_prompt),
+                     len(self.vector_by_key), nbytes / 1e6)
+
+    def _encode_chunks(self, keys: Sequence[Hashable], images: Sequence[np.ndarray],
+                       chunk: int) -> Dict[Hashable, Tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for start in range(0, len(keys), chunk):
+            part = list(images[start:start + chunk])
+            count = len(part)
+            part += [part[-1]] * (chunk - count)  # one compiled shape
+            mean, std = self.moments(np.stack(part))
+            for i in range(count):
+                out[keys[start + i]] = (mean[i], std[i])
+        return out
+
+    def batch_moments(self, batch: Mapping) -> Tuple[np.ndarray, np.ndarray]:
+        rows = [self.moments_by_variant[v] for v in _row_variants(batch)]
+        return np.stack([m for m, _ in rows]), np.stack([s for _, s in rows])
+
+    def batch_conditioning(self, cond_batch: Mapping) -> Tuple[np.ndarray, np.ndarray]:
+        keys = _cond_keys(cond_batch)
+        return (np.stack([self.crossattn_by_prompt[k[0]] for k in keys]),
+                np.stack([self.vector_by_key[k] for k in keys]))
+
+
+def _as_batch(rows: Sequence[Mapping]) -> Dict[str, object]:
+    batch: Dict[str, object] = {"txt": [r["txt"] for r in rows]}
+    for key in SIZE_KEYS:
+        batch[key] = np.stack([np.asarray(r[key], np.float32) for r in rows])
+    return batch
+
+
+class _Released(nn.Cell):
+    """Stands where a frozen module was freed after caching; calling it is a programming error."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def construct(self, *args):
+        raise RuntimeError(f"{self.what} was released after the training inputs were cached")
+
+
+def release_frozen_modules(engine: nn.Cell, *, keep_sampling: bool) -> int:
+    """Free what a run with :class:`CachedInputs` no longer needs: the VAE encoder, and unless
+    images are still sampled during training (validation), the decoder and the conditioner (text
+    encoders). Build the loss cell first (it checks the conditioner). Returns the number of
+    parameters released."""
+    import gc
+
+    vae = engine.first_stage_model
+    released = [(vae, "encoder"), (vae, "quant_conv")]
+    if not keep_sampling:
+        released += [(vae, "decoder"), (vae, "post_quant_conv"), (engine, "conditioner")]
+    count = 0
+    for owner, name in released:
+        count += sum(p.size for p in getattr(owner, name).get_parameters())
+        setattr(owner, name, _Released(name))
+    gc.collect()  # compiled graphs of the released cells go with them
+    return count
