@@ -86,10 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_inputs(args: argparse.Namespace) -> None:
+def check_inputs(args: argparse.Namespace, cfg) -> None:
     """User mistakes that need no model: fail in a second, before anything is built."""
     from gm.data.dreambooth import validate_instance_folder
 
+    if cfg.train.gradient_checkpointing and args.ms_mode != 0:
+        raise ConfigError("--gradient_checkpointing needs graph mode (--ms_mode 0): MindSpore 2.10's recompute "
+                          "returns zero gradients in PyNative")
     if not args.instance_prompt:
         raise ConfigError('--instance_prompt is required, e.g. --instance_prompt "a photo of sks dog"')
     if not args.instance_data_path:
@@ -114,7 +117,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = load_training_config(args.config, {k: getattr(args, k) for k in FLAG_KEYS})
     setup_logging()
-    check_inputs(args)
+    check_inputs(args, cfg)
 
     from gm.compile_cache import cache_key, enable_compile_cache
     from gm.inference import set_mode

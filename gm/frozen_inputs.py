@@ -189,8 +189,11 @@ class _Released(nn.Cell):
         super().__init__()
         self.what = what
 
-    def construct(self, *args):
+    def __call__(self, *args, **kwargs):
         raise RuntimeError(f"{self.what} was released after the training inputs were cached")
+
+    def construct(self, *args):
+        return self(*args)
 
 
 def release_frozen_modules(engine: nn.Cell, *, keep_sampling: bool) -> int:

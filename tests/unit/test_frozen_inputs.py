@@ -1,0 +1,79 @@
+"""Cached frozen inputs (``--cache_latents``) give exactly what the per-step path gives for the same
+draws: the same latents, conditioning and loss, with random crops and flips; releasing the VAE
+and text encoders afterwards leaves training inputs intact."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mindspore import Tensor
+from PIL import Image
+from tiny_training import build_tiny_engine
+
+from gm.data.dreambooth import DreamBoothDataset
+from gm.frozen_inputs import CachedInputs, FrozenInputs, latent_shape, release_frozen_modules
+from gm.modules.diffusionmodules.loss import DreamBoothLoss
+from gm.training import _PerSampleLoss, per_sample_draws
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "dreambooth"
+STEPS, BATCH, RESOLUTION = 8, 1, 64
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_weights, tmp_path_factory):
+    if not (DATA / "dog").is_dir():
+        pytest.skip(f"{DATA} not found (../shared beside the checkout)")
+    engine, _ = build_tiny_engine(tiny_weights, trainable=[])
+    # landscape crops of the (square) photos, random crops and flips: several variants per photo,
+    # each must be cached under its own key
+    photos = tmp_path_factory.mktemp("landscape")
+    for path in sorted((DATA / "dog").glob("*.jpg"))[:3]:
+        with Image.open(path) as image:
+            image.crop((0, 0, image.width, image.height * 2 // 3)).save(photos / path.name)
+    dataset = DreamBoothDataset(photos, "a photo of sks dog", class_dir=DATA / "dog6",
+                                class_prompt="a photo of a dog", resolution=RESOLUTION, center_crop=False,
+                                random_flip=True, seed=3)
+    batches = [dataset.batch(step, BATCH) for step in range(STEPS)]
+    return engine, dataset, batches
+
+
+def _inputs(frozen, engine, batch):
+    posterior, noise, sigmas = per_sample_draws(0, batch["positions"], 2, latent_shape(batch["instance_pixels"]),
+                                                engine.denoiser)
+    latents, (crossattn, vector) = frozen(batch, posterior)
+    return [latents.asnumpy(), noise, sigmas, crossattn.asnumpy(), vector.asnumpy()]
+
+
+def test_cached_inputs_equal_per_step_inputs_and_loss(setup):
+    engine, dataset, batches = setup
+    positions = [p for b in batches for p in b["positions"]]
+    cached = CachedInputs(engine, dataset, positions, chunk=2 * BATCH)
+    variants = {v for b in batches for v in b["instance_variants"] + b["class_variants"]}
+    assert set(cached.moments_by_variant) == variants
+    assert len({v[1:] for v in variants}) > 2, "random crops/flips should give several variants"
+    assert len(variants) > len({v[0] for v in variants})
+    per_step = FrozenInputs(engine)
+    per_sample = _PerSampleLoss(DreamBoothLoss(engine, with_prior_preservation=True))
+    for batch in batches:
+        ours, reference = _inputs(cached, engine, batch), _inputs(per_step, engine, batch)
+        for name, a, b in zip(("latents", "noise", "sigmas", "crossattn", "vector"), ours, reference):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        loss_cached = per_sample(*(Tensor(a) for a in ours)).asnumpy()
+        loss_per_step = per_sample(*(Tensor(a) for a in reference)).asnumpy()
+        np.testing.assert_array_equal(loss_cached, loss_per_step)
+
+
+def test_release_after_caching_keeps_the_inputs(tiny_weights, setup):
+    _, dataset, batches = setup
+    engine, _ = build_tiny_engine(tiny_weights, trainable=[])
+    cached = CachedInputs(engine, dataset, [int(batches[0]["positions"][0])], chunk=2)
+    before = _inputs(cached, engine, batches[0])
+    total = sum(p.size for p in engine.get_parameters())
+    unet = sum(p.size for p in engine.model.get_parameters())
+    released = release_frozen_modules(engine, keep_sampling=False)
+    assert released == total - unet  # everything but the UNet
+    assert sum(p.size for p in engine.get_parameters()) == unet
+    for a, b in zip(before, _inputs(cached, engine, batches[0])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(RuntimeError, match="released"):
+        engine.first_stage_model.encoder(Tensor(np.zeros((1, 3, 8, 8), np.float32)))
