@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "cache_latents": (str2bool, "VAE latents and text conditioning computed once before training "
                                     "(default on; with --train_text_encoder the latents only)"),
         "gradient_checkpointing": (str2bool, "recompute activations in backward: less memory, ~30%% slower"),
+        "probe_loss": (str2bool, "fixed-noise instance loss before/after training in summary.json (default on; "
+                                 "it runs eagerly, slow for the full-size model on a CPU)"),
     }
     assert set(flags) <= set(FLAG_KEYS) | {"lora_unet_targets"}
     for name, (kind, help_text) in flags.items():
@@ -222,12 +224,13 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
         save_path.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(effective), save_path / "config.yaml")
     probe = fixed_noise_instance_loss(loss_cell, frozen, dataset, seed=cfg.train.seed,
-                                      chunk=rows)
+                                      chunk=rows) if cfg.train.probe_loss else (lambda: None)
     timings["frozen_inputs_s"] = round(time.perf_counter() - start_time - timings["build_s"], 2)
     log = (save_path / "train_log.jsonl").open("a") if parallel.is_main else None
     loss_before = probe()
     timings["probe_s"] = round(time.perf_counter() - start_time - timings["build_s"] - timings["frozen_inputs_s"], 2)
-    _logger.info("fixed-noise instance loss before training: %.6f", loss_before)
+    if loss_before is not None:
+        _logger.info("fixed-noise instance loss before training: %.6f", loss_before)
 
     # -- the loop -------------------------------------------------------------------------------
     phases = {"data_s": [], "frozen_s": [], "step_s": []}  # host batch + draws, VAE/text (or lookup), train step
@@ -274,7 +277,8 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
             save_images(images, save_path / "samples" / f"step{done:06d}", [prompt] * n, options,
                         weights=str(writer.latest))
     loss_after = probe()
-    _logger.info("fixed-noise instance loss after training: %.6f (before: %.6f)", loss_after, loss_before)
+    if loss_after is not None:
+        _logger.info("fixed-noise instance loss after training: %.6f (before: %.6f)", loss_after, loss_before)
     digests = check_ranks_agree(parallel, parameters_bytes(lora_params), "the trained LoRA weights")
     _logger.info("trained LoRA identical on all %d ranks (sha256 %s)", parallel.world_size, digests[0][:16])
     if log is not None:

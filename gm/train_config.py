@@ -72,6 +72,8 @@ class TrainSection:
     # None: on unless the text encoders train (then the latents only are cached when True)
     cache_latents: Optional[bool] = None
     gradient_checkpointing: bool = False  # recompute ResBlock/transformer activations in backward
+    # the fixed-noise instance loss before and after training (summary.json); runs eagerly
+    probe_loss: bool = True
 
 
 @dataclass
@@ -113,6 +115,7 @@ FLAG_KEYS = {
     "noise_offset": "train.noise_offset", "mixed_precision": "train.mixed_precision", "seed": "train.seed",
     "save_ckpt_interval": "train.save_ckpt_interval", "max_num_ckpt": "train.max_num_ckpt",
     "cache_latents": "train.cache_latents", "gradient_checkpointing": "train.gradient_checkpointing",
+    "probe_loss": "train.probe_loss",
     "validation_prompt": "sampling.validation_prompt", "validation_steps": "sampling.validation_steps",
     "num_validation_images": "sampling.num_validation_images", "sample_steps": "sampling.num_steps",
     "guidance_scale": "sampling.guidance_scale",

@@ -12,7 +12,7 @@ from mindspore import Tensor, nn
 
 from gm.checkpoint.lora import save_lora
 from gm.data.dreambooth import collate, model_inputs
-from gm.frozen_inputs import FrozenInputs, sample_latents
+from gm.frozen_inputs import FrozenInputs, eager, sample_latents
 from gm.modules.diffusionmodules.loss import sample_noise_and_sigmas
 
 _logger = logging.getLogger(__name__)
@@ -67,25 +67,27 @@ def fixed_noise_instance_loss(loss_cell: nn.Cell, frozen: FrozenInputs, dataset,
     Runs ``chunk`` rows per call (the training micro-batch's rows: its activation memory)."""
     samples = [dataset.sample(p) for p in probe_positions(dataset)]
     batch = {k: v for k, v in collate(samples).items() if not k.startswith("class_")}
-    mean, _ = frozen.batch_moments(batch)
     _, cond_batch = model_inputs(batch)
+    with eager():
+        mean, _ = frozen.batch_moments(batch)
+        fixed_cond = None if frozen.train_text_encoder else frozen.batch_conditioning(cond_batch)
     n, k = len(samples), len(sigma_indices)
     repeat = np.repeat(np.arange(n), k)  # image i at every noise level
     latents = sample_latents(mean, None, None, frozen.engine.scale_factor)[repeat]
     sigmas = np.tile(np.asarray(frozen.engine.denoiser.sigmas_np, np.float32)[list(sigma_indices)], n)
     noise = np.random.default_rng([seed, 7919]).standard_normal((n * k, *mean.shape[1:])).astype(np.float32)
     per_sample = _PerSampleLoss(loss_cell)
-    fixed_cond = None if frozen.train_text_encoder else frozen.batch_conditioning(cond_batch)
     rows = np.arange(n * k)
     chunks = [np.resize(rows[i:i + chunk], chunk) for i in range(0, n * k, chunk)]  # last one padded by repeats
 
     def probe() -> float:
-        crossattn, vector = fixed_cond or frozen.encode_conditioning(cond_batch)
-        crossattn, vector = crossattn[repeat], vector[repeat]
-        losses = np.zeros(n * k, np.float64)
-        for idx in chunks:
-            out = per_sample(*(Tensor(a[idx]) for a in (latents, noise, sigmas, crossattn, vector)))
-            losses[idx] = out.asnumpy()
+        with eager():  # two calls per run: not worth a compiled graph (see gm.frozen_inputs.eager)
+            crossattn, vector = fixed_cond or frozen.encode_conditioning(cond_batch)
+            crossattn, vector = crossattn[repeat], vector[repeat]
+            losses = np.zeros(n * k, np.float64)
+            for idx in chunks:
+                out = per_sample(*(Tensor(a[idx]) for a in (latents, noise, sigmas, crossattn, vector)))
+                losses[idx] = out.asnumpy()
         return float(losses.mean())
 
     return probe

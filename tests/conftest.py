@@ -4,12 +4,16 @@ official-format single file, once per test session."""
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 os.environ.setdefault("GLOG_v", "3")
+# the scripts' persistent compile cache (gm.compile_cache) lives in a folder of this test session,
+# shared by its subprocesses: warm within a run, never reused from an earlier one
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gm_test_cache_")
 REPO = Path(__file__).resolve().parents[1]
 for path in (REPO, REPO / "tests"):
     if str(path) not in sys.path:

@@ -60,6 +60,12 @@ def test_training_lowers_the_fixed_noise_instance_loss(run):
     summary = json.loads((run["save"] / "summary.json").read_text())
     before, after = summary["fixed_noise_instance_loss_before"], summary["fixed_noise_instance_loss_after"]
     assert after < before * (1 - MIN_RELATIVE_DROP), (before, after)
+    # the default run caches its frozen inputs and reports where its time went
+    assert summary["cached_inputs"] is True
+    timings = summary["timings"]
+    assert set(timings) >= {"build_s", "frozen_inputs_s", "probe_s", "first_step_s", "median_data_s",
+                            "median_frozen_s", "median_step_s"}
+    assert 0 < timings["build_s"] < timings["first_step_s"]
 
 
 def test_checkpoints_rotate_and_config_is_saved(run):
