@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                     "(default on; with --train_text_encoder the latents only)"),
         "gradient_checkpointing": (str2bool, "recompute activations in backward: less memory, ~30%% slower"),
         "probe_loss": (str2bool, "fixed-noise instance loss before/after training in summary.json (default on; "
-                                 "it runs eagerly, slow for the full-size model on a CPU)"),
+                                 "its compiled UNet forward costs ~7 GB at full size on a CPU)"),
     }
     assert set(flags) <= set(FLAG_KEYS) | {"lora_unet_targets"}
     for name, (kind, help_text) in flags.items():

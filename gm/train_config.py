@@ -72,7 +72,7 @@ class TrainSection:
     # None: on unless the text encoders train (then the latents only are cached when True)
     cache_latents: Optional[bool] = None
     gradient_checkpointing: bool = False  # recompute ResBlock/transformer activations in backward
-    # the fixed-noise instance loss before and after training (summary.json); runs eagerly
+    # the fixed-noise instance loss before and after training (summary.json)
     probe_loss: bool = True
 
 
