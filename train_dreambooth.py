@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
-from gm.train_config import FLAG_KEYS, load_training_config, use_cache  # noqa: E402
+from gm.train_config import FLAG_KEYS, load_training_config  # noqa: E402
 
 _logger = logging.getLogger("gm.train")
 
@@ -106,6 +106,11 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
         _logger.warning("--class_prompt is ignored without --class_data_path (no prior preservation)")
 
 
+def prior_preservation(args: argparse.Namespace, cfg) -> bool:
+    """Whether class samples are trained on (a class folder and a positive prior-loss weight)."""
+    return bool(args.class_data_path) and cfg.train.prior_loss_weight > 0
+
+
 def sampling_options(cfg, prompt_seed: int):
     from gm.inference import SamplingOptions
 
@@ -126,7 +131,7 @@ def main(argv=None) -> None:
     from gm.parallel import init_parallel, stop_on_collective_failure
 
     set_mode(args.ms_mode, args.device_target)
-    with_prior = bool(args.class_data_path) and cfg.train.prior_loss_weight > 0
+    with_prior = prior_preservation(args, cfg)
     enable_compile_cache(args.compile_cache, cache_key(
         OmegaConf.to_container(cfg, resolve=True), ms_mode=args.ms_mode, device=args.device_target,
         with_prior=with_prior, is_parallel=args.is_parallel))
@@ -158,7 +163,7 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     start_time = PROCESS_START
     timings = {}  # seconds since the process started, and per-phase medians: summary.json "timings"
     save_path = Path(args.save_path)
-    with_prior = bool(args.class_data_path) and cfg.train.prior_loss_weight > 0
+    with_prior = prior_preservation(args, cfg)
     effective = {**OmegaConf.to_container(cfg, resolve=True), "cli": vars(args), "world_size": parallel.world_size}
     check_ranks_agree(parallel, json.dumps(effective, sort_keys=True).encode(), "the resolved config and flags")
 
@@ -204,13 +209,13 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     train_step = TrainStep(loss_cell, optimizer, grad_accum_steps=accum, max_grad_norm=optim.max_grad_norm,
                            loss_scale=loss_scale_config(cfg.train.mixed_precision, cfg.train.loss_scale))
     schedule = LRSchedule(optim.lr_scheduler, optim.lr_warmup_steps, cfg.train.max_train_steps)
-    accum_positions = [p for step in range(cfg.train.max_train_steps) for micro in range(accum)
-                       for p in dataset.schedule.positions(step * accum + micro, cfg.data.batch_size,
-                                                           parallel.rank, parallel.world_size)]
     timings["build_s"] = round(time.perf_counter() - start_time, 2)
     rows = cfg.data.batch_size * (2 if with_prior else 1)  # per micro-batch
-    if use_cache(cfg):
-        frozen = CachedInputs(engine, dataset, [*accum_positions, *probe_positions(dataset)], chunk=rows,
+    if cfg.train.cache_latents:
+        positions = [p for micro in range(cfg.train.max_train_steps * accum)
+                     for p in dataset.schedule.positions(micro, cfg.data.batch_size, parallel.rank,
+                                                         parallel.world_size)]
+        frozen = CachedInputs(engine, dataset, [*positions, *probe_positions(dataset)], chunk=rows,
                               train_text_encoder=lora.text_encoder)
         keep_sampling = bool(cfg.sampling.validation_prompt) or lora.text_encoder
         released = release_frozen_modules(engine, keep_sampling=keep_sampling)

@@ -68,9 +68,9 @@ class TrainSection:
     seed: int = 0
     save_ckpt_interval: int = 500
     max_num_ckpt: Optional[int] = None  # keep the newest N checkpoints; None keeps all
-    # VAE moments and text conditioning computed once before the loop (gm.frozen_inputs);
-    # None: on unless the text encoders train (then the latents only are cached when True)
-    cache_latents: Optional[bool] = None
+    # VAE moments and text conditioning computed once before the loop (gm.frozen_inputs); with
+    # the text encoders trained, the latents only
+    cache_latents: bool = True
     gradient_checkpointing: bool = False  # recompute ResBlock/transformer activations in backward
     # the fixed-noise instance loss before and after training (summary.json)
     probe_loss: bool = True
@@ -160,11 +160,6 @@ def load_training_config(path: str | os.PathLike, overrides: Optional[Mapping[st
     cfg.model = model
     validate(cfg, path)
     return cfg
-
-
-def use_cache(cfg: DictConfig) -> bool:
-    """Whether the frozen inputs are cached: ``train.cache_latents``, by default on."""
-    return True if cfg.train.cache_latents is None else bool(cfg.train.cache_latents)
 
 
 def validate(cfg: DictConfig, path: Path) -> None:
