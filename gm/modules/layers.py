@@ -16,6 +16,8 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, Normal, Uniform, initializer
 
+from gm.modules.cpu_kernels import weight_matmul
+
 
 def on_cpu_target() -> bool:
     """Whether MindSpore's current device target is the CPU (decided when a layer is built)."""
@@ -91,7 +93,7 @@ class Conv2d(nn.Cell):
             cols = ops.unfold(x, self.kernel_size, 1, self.padding, self.stride)  # (B, C*k*k, L)
             h_out = (h + 2 * self.padding - self.kernel_size) // self.stride + 1
             w_out = (w + 2 * self.padding - self.kernel_size) // self.stride + 1
-        out = ops.matmul(weight, cols)  # (B, O, L)
+        out = weight_matmul(weight, cols)  # (B, O, L)
         if self.bias is not None:
             # BiasAdd, not a broadcasting add: on the CPU backend that is ~2.5x slower and in graph
             # mode its output memory is never reused (measured: +4x the tensor size per call)

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from mindspore import Tensor, nn, ops
 
-from gm.modules.cpu_kernels import conv3x3_same, group_norm_2d, pad_right_bottom
+from gm.modules.cpu_kernels import conv3x3_same, group_norm_2d, pad_right_bottom, weight_matmul
 from gm.modules.layers import Conv2d, GroupNorm, Identity, on_cpu_target, optional
 
 VAE_NORM_EPS = 1e-6  # sgm's Normalize(); not GroupNorm's default 1e-5
@@ -71,7 +71,7 @@ def normalize(channels: int) -> GroupNorm:
 
 def _pointwise(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """1x1 convolution of ``x`` (B, I, L) with ``weight`` (O, I) and ``bias`` (O,) -> (B, O, L)."""
-    return ops.bias_add(ops.matmul(weight, x), bias)
+    return ops.bias_add(weight_matmul(weight, x), bias)
 
 
 class ResnetBlock(nn.Cell):
