@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
-from gm.train_config import FLAG_KEYS, load_training_config  # noqa: E402
+from gm.train_config import FLAG_KEYS, TRAINING_LORA_FORMATS, load_training_config  # noqa: E402
 
 _logger = logging.getLogger("gm.train")
 
@@ -67,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "max_train_steps": (int, "optimizer steps"), "learning_rate": (float, None),
         "text_encoder_lr": (float, None), "lr_scheduler": (str, "constant, constant_with_warmup, linear, cosine"),
         "lr_warmup_steps": (int, None), "lora_rank": (int, None), "lora_alpha": (float, "scale = alpha / rank"),
-        "lora_dropout": (float, None), "train_text_encoder": (str2bool, "also LoRA-train both text encoders"),
+        "lora_dropout": (float, None),
+        "lora_format": (str, "format of the saved LoRA files: kohya (default; ComfyUI, A1111/Forge, diffusers), "
+                             "diffusers (PEFT) or gm"),
+        "train_text_encoder": (str2bool, "also LoRA-train both text encoders"),
         "resolution": (int, None), "center_crop": (str2bool, None), "random_flip": (str2bool, None),
         "train_batch_size": (int, None), "repeats": (int, None), "max_grad_norm": (float, "0 disables"),
         "mixed_precision": (str, "fp32; fp16/bf16 on Ascend/GPU"), "validation_prompt": (str, None),
@@ -85,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         extra = {"nargs": "?", "const": True} if kind is str2bool else {}
         p.add_argument(f"--{name}", type=kind, default=None, help=help_text, **extra)
     p.add_argument("--lora_unet_targets", nargs="+", default=None, help="attn, ff, proj")
+    p.add_argument("--init_lora", default=None,
+                   help="start from this LoRA file (kohya, diffusers, the seed's *_lora.ckpt or ours); its rank "
+                        "must equal --lora_rank and its modules lie within the trained ones")
     return p.parse_args(argv)
 
 
@@ -92,6 +98,10 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
     """User mistakes that need no model: fail in a second, before anything is built."""
     from gm.data.dreambooth import validate_instance_folder
 
+    if cfg.lora.format not in TRAINING_LORA_FORMATS:
+        raise ConfigError(f"--lora_format {cfg.lora.format!r}: choose one of {', '.join(TRAINING_LORA_FORMATS)}")
+    if args.init_lora and not Path(args.init_lora).is_file():
+        raise ConfigError(f"--init_lora {args.init_lora}: no such file")
     if cfg.train.gradient_checkpointing and args.ms_mode != 0:
         raise ConfigError("--gradient_checkpointing needs graph mode (--ms_mode 0): MindSpore 2.10's recompute "
                           "returns zero gradients in PyNative")
@@ -147,6 +157,7 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     from tqdm.auto import tqdm
 
     from gm.checkpoint.load import load_weights
+    from gm.checkpoint.lora import load_lora
     from gm.data.class_images import generate_class_images
     from gm.data.dreambooth import DreamBoothDataset
     from gm.frozen_inputs import CachedInputs, FrozenInputs, latent_shape, release_frozen_modules
@@ -191,6 +202,8 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     lora = LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                       unet_targets=tuple(cfg.lora.unet_targets), text_encoder=cfg.lora.train_text_encoder)
     inject_lora(engine, lora)
+    if args.init_lora:
+        load_lora(engine, args.init_lora)
     mark_only_lora_trainable(engine)
     apply_mixed_precision(engine, cfg.train.mixed_precision)
     lora_params = [(name, p) for name, p in engine.parameters_and_names() if p.requires_grad]
@@ -224,7 +237,10 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
         frozen = FrozenInputs(engine, train_text_encoder=lora.text_encoder)
     writer = CheckpointWriter(save_path / "checkpoints", keep=cfg.train.max_num_ckpt, enabled=parallel.is_main,
                               metadata={"base_model": args.weight or "random-init", "config": args.config,
-                                        "instance_prompt": args.instance_prompt})
+                                        "instance_prompt": args.instance_prompt,
+                                        "resolution": cfg.data.resolution,
+                                        "max_train_steps": cfg.train.max_train_steps},
+                              lora_format=cfg.lora.format)
     if parallel.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(effective), save_path / "config.yaml")

@@ -30,6 +30,9 @@ class LoraSection:
     # groups of UNet layers (gm.modules.lora): attn (to_q/k/v/out.0 of both attentions), ff, proj
     unet_targets: List[str] = field(default_factory=lambda: ["attn"])
     train_text_encoder: bool = False
+    # file format of every saved LoRA (gm.checkpoint.lora_formats): kohya (ComfyUI, A1111/Forge and
+    # diffusers load it), diffusers (PEFT), gm (ours); the *_lora.ckpt beside it stays ours
+    format: str = "kohya"
 
 
 @dataclass
@@ -100,10 +103,15 @@ class TrainingConfig:
     sampling: SamplingSection = field(default_factory=SamplingSection)
 
 
+# LoRA file formats training writes (gm.checkpoint.lora_formats; the seed's layout holds no
+# text-encoder LoRA, so it is an export: tools/convert_lora.py)
+TRAINING_LORA_FORMATS = ("kohya", "diffusers", "gm")
+
 # command-line flag -> config key (flags left unset keep the YAML value)
 FLAG_KEYS = {
     "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
     "lora_unet_targets": "lora.unet_targets", "train_text_encoder": "lora.train_text_encoder",
+    "lora_format": "lora.format",
     "learning_rate": "optim.learning_rate", "text_encoder_lr": "optim.text_encoder_lr",
     "lr_scheduler": "optim.lr_scheduler", "lr_warmup_steps": "optim.lr_warmup_steps",
     "max_grad_norm": "optim.max_grad_norm",

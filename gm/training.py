@@ -99,12 +99,14 @@ def probe_positions(dataset) -> range:
 
 
 class CheckpointWriter:
-    """LoRA checkpoints every N steps as ``.safetensors`` and the seed's ``*_lora.ckpt``, keeping
-    the newest ``keep`` (all when None). Only the main rank writes (``enabled``)."""
+    """LoRA checkpoints every N steps as ``.safetensors`` (in ``lora_format``: kohya, diffusers or
+    gm) and a MindSpore ``*_lora.ckpt`` (ours, as the seed's scripts name it), keeping the newest
+    ``keep`` (all when None). Only the main rank writes (``enabled``)."""
 
     def __init__(self, folder: Path, keep: Optional[int] = None, enabled: bool = True,
-                 metadata: Optional[Dict[str, object]] = None):
+                 metadata: Optional[Dict[str, object]] = None, lora_format: str = "kohya"):
         self.folder = Path(folder)
+        self.lora_format = lora_format
         self.keep = keep
         self.enabled = enabled
         self.metadata = dict(metadata or {})
@@ -120,7 +122,7 @@ class CheckpointWriter:
             return
         safetensors_path, ckpt_path = self.paths(step)
         metadata = {**self.metadata, "step": step}
-        save_lora(engine, safetensors_path, metadata)
+        save_lora(engine, safetensors_path, metadata, lora_format=self.lora_format)
         save_lora(engine, ckpt_path, metadata)
         self.saved.append((safetensors_path, ckpt_path))
         self.latest = safetensors_path

@@ -30,6 +30,7 @@ import numpy as np
 from mindspore import nn
 
 from gm.checkpoint.keymap import KeyRule
+from gm.modules.lora import is_lora_parameter
 
 # a buffer that transformers < 4.31 saved with the weights
 _POSITION_IDS = "text_model.embeddings.position_ids"
@@ -49,7 +50,8 @@ _BLOCK_PARTS = {
 
 
 def _param_names(cell: nn.Cell) -> List[str]:
-    return [name for name, _ in cell.parameters_and_names()]
+    # LoRA factors are no part of a base checkpoint (gm.checkpoint.lora handles them)
+    return [name for name, _ in cell.parameters_and_names() if not is_lora_parameter(name)]
 
 
 def rules_clip_l(cell: nn.Cell) -> List[KeyRule]:

@@ -16,6 +16,7 @@ from mindspore import nn
 from gm.checkpoint.keymap import KeyRule, rename
 from gm.modules.attention import SpatialTransformer
 from gm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, UNetModel, Upsample
+from gm.modules.lora import is_lora_parameter
 
 IGNORED_SOURCE_KEYS: Tuple[str, ...] = ()
 OPTIONAL_TARGETS: Tuple[str, ...] = ()
@@ -46,7 +47,9 @@ def rules(cell: UNetModel) -> List[KeyRule]:
     """One copy rule per parameter of ``cell``: target = our name, source = the diffusers key."""
     if not isinstance(cell, UNetModel):
         raise TypeError(f"diffusers_unet.rules expects a UNetModel, got {type(cell).__name__}")
-    return [rename(name, diffusers_name(cell, name)) for name, _ in cell.parameters_and_names()]
+    # LoRA factors are no part of a base checkpoint (gm.checkpoint.lora handles them)
+    return [rename(name, diffusers_name(cell, name)) for name, _ in cell.parameters_and_names()
+            if not is_lora_parameter(name)]
 
 
 def diffusers_name(unet: UNetModel, name: str) -> str:

@@ -103,7 +103,8 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+    # np.ascontiguousarray makes a 0-d array 1-d: keep scalars (kohya's .alpha) scalar
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(tmp),
               metadata=dict(metadata) if metadata else None)
     os.replace(tmp, path)
 

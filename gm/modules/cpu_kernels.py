@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from mindspore import Tensor, ops
 
-
 _MATMUL = ops.MatMul()
 
 

@@ -265,29 +265,32 @@ class LoRATarget:
         return shapes
 
 
-def plan_lora(root: nn.Cell, config: LoRAConfig) -> List[LoRATarget]:
+def plan_lora(root: nn.Cell, config: LoRAConfig, *, injected_ok: bool = False,
+              every_layer: bool = False) -> List[LoRATarget]:
     """The modules ``inject_lora(root, config)`` adapts, found by name pattern over ``root``.
 
     ``root`` is a DiffusionEngine (``model.diffusion_model``, ``conditioner.embedders``). Text
     encoder targets cover only the blocks the embedder runs: SDXL takes CLIP-L's penultimate
     hidden state, so its last block never runs and a LoRA there would never train.
+    ``injected_ok``: also list modules that already carry a LoRA (for naming tables);
+    ``every_layer``: include text-encoder blocks that never run (other trainers adapt them).
     """
     cells = dict(root.cells_and_names())
     patterns = [(UNET_PREFIX + p, "linear", "unet") for g in config.unet_targets for p in UNET_TARGET_GROUPS[g]]
     if config.text_encoder:
-        patterns += _text_encoder_patterns(root)
+        patterns += _text_encoder_patterns(root, every_layer)
     targets = []
     for path, cell in cells.items():
         match = next(((kind, comp) for pattern, kind, comp in patterns if fnmatch.fnmatchcase(path, pattern)), None)
         if match is None:
             continue
         kind, component = match
-        if isinstance(cell, (LoRABranch, LoRAPackedSelfAttention)):
+        if isinstance(cell, (LoRABranch, LoRAPackedSelfAttention)) and not injected_ok:
             raise ConfigError(f"{path} already has a LoRA; inject once per model")
-        if kind == "linear" and type(cell) is not Linear:
+        if kind == "linear" and type(cell) not in (Linear, LoRALinear):
             raise ConfigError(f"LoRA target {path} is a {type(cell).__name__}, not a Linear layer "
                               "(only linear projections can take LoRA; check use_linear_in_transformer)")
-        if kind == "packed" and type(cell) is not PackedSelfAttention:
+        if kind == "packed" and type(cell) not in (PackedSelfAttention, LoRAPackedSelfAttention):
             raise ConfigError(f"LoRA target {path} is a {type(cell).__name__}, not a PackedSelfAttention")
         in_f, out_f = (cell.in_features, cell.out_features) if kind == "linear" else (cell.width, cell.width)
         targets.append(LoRATarget(path, kind, component, in_f, out_f))
@@ -296,7 +299,7 @@ def plan_lora(root: nn.Cell, config: LoRAConfig) -> List[LoRATarget]:
     return targets
 
 
-def _text_encoder_patterns(root: nn.Cell) -> List[Tuple[str, str, str]]:
+def _text_encoder_patterns(root: nn.Cell, every_layer: bool = False) -> List[Tuple[str, str, str]]:
     embedders = getattr(getattr(root, "conditioner", None), "embedders", None)
     if embedders is None:
         raise ConfigError("--train_text_encoder needs a DiffusionEngine with conditioner.embedders")
@@ -305,12 +308,13 @@ def _text_encoder_patterns(root: nn.Cell) -> List[Tuple[str, str, str]]:
         prefix = f"conditioner.embedders.{index}."
         if isinstance(embedder, FrozenCLIPEmbedder):
             layers = f"{prefix}transformer.text_model.encoder.layers"
-            for i in range(embedder.num_blocks):
+            total = len(embedder.transformer.text_model.encoder.layers)
+            for i in range(total if every_layer else embedder.num_blocks):
                 patterns += [(f"{layers}.{i}.self_attn.{p}", "linear", "text_encoder")
                              for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
         elif isinstance(embedder, FrozenOpenCLIPEmbedder2):
             # the pooled output and layer="last" run every block, the penultimate alone all but one
-            runs_all = embedder.return_pooled or embedder.layer == "last"
+            runs_all = embedder.return_pooled or embedder.layer == "last" or every_layer
             for i in range(embedder.num_layers if runs_all else embedder.num_layers - 1):
                 block = f"{prefix}model.transformer.resblocks.{i}.attn"
                 patterns += [(block, "packed", "text_encoder_2"), (f"{block}.out_proj", "linear", "text_encoder_2")]

@@ -77,6 +77,38 @@ def test_checkpoints_rotate_and_config_is_saved(run):
     assert list((run["save"] / "samples" / f"step{STEPS:06d}").glob("*.png"))
 
 
+def test_checkpoints_are_kohya_files_and_init_lora_continues_exactly(run, tiny_weights, tmp_path):
+    from gm.checkpoint.lora import load_lora, read_lora_file
+    from gm.models.diffusion import build_engine
+    from gm.modules.lora import lora_state
+
+    kohya = run["save"] / "checkpoints" / f"sdxl_lora_step{STEPS:06d}.safetensors"
+    arrays, metadata = read_lora_file(kohya)
+    assert all(k.startswith("lora_unet_") for k in arrays)  # the default --lora_format kohya
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert metadata["ss_steps"] == str(STEPS) and metadata["modelspec.trigger_phrase"] == "a photo of sks dog"
+    states = []
+    for path in (kohya, kohya.with_name(kohya.stem + "_lora.ckpt")):  # the kohya file and our ckpt agree
+        engine = build_engine(tiny_weights.config)
+        load_lora(engine, path)
+        states.append(lora_state(engine))
+    assert states[0].keys() == states[1].keys()
+    assert all(np.array_equal(v, states[1][k]) for k, v in states[0].items())
+    # a run started from that file begins where the first one ended: same fixed-noise loss
+    save = tmp_path / "continued"
+    result = _run(["train_dreambooth.py", "--config", CONFIG, "--weight", str(tiny_weights.single_file),
+                   "--instance_data_path", str(DOG), "--instance_prompt", "a photo of sks dog",
+                   "--class_data_path", str(run["class_dir"]), "--class_prompt", "a photo of a dog",
+                   "--num_class_images", str(NUM_CLASS), "--max_train_steps", "1", "--learning_rate", "5e-3",
+                   "--validation_prompt", "", "--init_lora", str(kohya), "--save_path", str(save)],
+                  cwd=tiny_weights.config.parents[2])
+    assert result.returncode == 0, result.stderr[-4000:]
+    first = json.loads((run["save"] / "summary.json").read_text())
+    second = json.loads((save / "summary.json").read_text())
+    assert second["fixed_noise_instance_loss_before"] == pytest.approx(first["fixed_noise_instance_loss_after"],
+                                                                        rel=1e-5)
+
+
 def test_trained_lora_changes_the_sampled_image(run, tiny_weights, tmp_path):
     latents = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
     np.save(tmp_path / "latents.npy", latents)
