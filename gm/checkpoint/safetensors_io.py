@@ -12,7 +12,7 @@ import json
 import mmap
 import os
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -131,3 +131,47 @@ class MergedSource(Mapping[str, np.ndarray]):
 
     def shape(self, name: str) -> Tuple[int, ...]:
         return self._where[name].shape(name)
+
+
+_DTYPE_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
+                np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
+
+
+def to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even (NaN stays NaN)."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():
+        rounded[nan] = np.uint16(0x7FC0)
+    return rounded
+
+
+def write_safetensors_streaming(path: str | os.PathLike, entries: Sequence[Tuple[str, str, Tuple[int, ...]]],
+                                produce: Callable[[str], np.ndarray],
+                                metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write a safetensors file one tensor at a time: ``entries`` (name, dtype name, shape) fix the
+    header, ``produce(name)`` returns each tensor's array (BF16 entries: float32 values, rounded
+    here), so at most one tensor is in memory. Atomic: a temporary file, then ``os.replace``."""
+    path = Path(path)
+    header: Dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
+        size = int(np.prod(shape, dtype=np.int64)) * itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, dtype, shape in entries:
+            value = np.asarray(produce(name))
+            if tuple(value.shape) != tuple(shape):
+                raise CheckpointError(f"{path}: tensor '{name}' has shape {value.shape}, the header says {shape}")
+            data = to_bfloat16_bits(value) if dtype == "BF16" else np.ascontiguousarray(value, _DTYPES[dtype])
+            f.write(data.tobytes())
+    os.replace(tmp, path)

@@ -345,3 +345,37 @@ def test_convert_lora_tool_chains_formats_losslessly(tiny_weights, trained, inpu
     refused = _convert(tiny_weights, start, tmp_path / "refused_lora.ckpt", "seed")
     assert refused.returncode == 2 and "UNet modules only" in refused.stderr
     assert not (tmp_path / "refused_lora.ckpt").exists()
+
+
+def test_merge_lora_tool_bakes_the_lora_into_the_base(tiny_weights, trained, inputs, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gm.checkpoint.safetensors_io import SafetensorsFile
+
+    repo = Path(__file__).resolve().parents[2]
+    lora = tmp_path / "all_kohya.safetensors"
+    save_lora(trained["all"]["engine"], lora, lora_format="kohya")
+
+    def merge(output, *loras, dtype="keep"):
+        result = subprocess.run([sys.executable, "tools/merge_lora.py", "--base", str(tiny_weights.single_file),
+                                 "--lora", *loras, "--output", str(output), "--config", str(tiny_weights.config),
+                                 "--dtype", dtype], cwd=repo, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return output
+
+    merged = merge(tmp_path / "merged.safetensors", str(lora))
+    engine = build_engine(tiny_weights.config)
+    load_weights(engine, merged)
+    engine.set_train(False)
+    _assert_close(_ours(engine, inputs), trained["all"]["outputs"], "merged base vs base + LoRA")
+    # scale 0 leaves every tensor of the base as it was; bf16 output holds the same values to bf16 precision
+    base = SafetensorsFile(tiny_weights.single_file)
+    zero = SafetensorsFile(merge(tmp_path / "zero.safetensors", f"{lora}:0"))
+    assert list(zero) == list(base) and all(np.array_equal(zero[k], base[k]) for k in base)
+    bf16 = SafetensorsFile(merge(tmp_path / "bf16.safetensors", str(lora), dtype="bf16"))
+    full = SafetensorsFile(merged)
+    assert {bf16.dtype(k) for k in bf16} == {"BF16"}
+    for key in full:
+        np.testing.assert_allclose(bf16[key], full[key], rtol=2 ** -8, atol=1e-30)
