@@ -192,14 +192,9 @@ def lora_config_from_metadata(path: str | os.PathLike, metadata: Mapping[str, st
         raise CheckpointError(f"{path}: bad LoRA metadata ({type(err).__name__}: {err})") from None
 
 
-def read_lora(path: str | os.PathLike, engine: nn.Cell, into: Optional[LoRAConfig] = None,
-              ) -> Tuple[LoRAConfig, Dict[str, np.ndarray], Dict[str, str], Dict[str, object]]:
-    """Any LoRA file -> (config, arrays under our names, metadata, report) for ``engine``.
-
-    The format is detected from the keys (``lora_formats.detect_format``). ``report``: the
-    format and the counts of modules applied, zero-filled (in an adapted group, absent from the
-    file) and without effect (on a text-encoder block SDXL never runs).
-    """
+def read_any_lora_file(path: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str], str]:
+    """``(arrays, metadata, format)`` of a LoRA file in any format (``lora_formats.detect_format``);
+    a file that is no LoRA of a known format gives a one-line error naming its odd keys."""
     arrays, metadata = read_lora_file(path)
     fmt = detect_format(list(arrays), metadata)
     if fmt is None:
@@ -212,6 +207,18 @@ def read_lora(path: str | os.PathLike, engine: nn.Cell, into: Optional[LoRAConfi
         raise CheckpointError(f"{path}: {summarize_keys(odd or arrays, 3)} keys are not LoRA factors of one known "
                               "format (kohya lora_unet_*.lora_down.weight, diffusers unet.*.lora_A.weight, ours "
                               "*.lora_down.weight) -- base weights go first in --weight")
+    return arrays, metadata, fmt
+
+
+def read_lora(path: str | os.PathLike, engine: nn.Cell, into: Optional[LoRAConfig] = None,
+              ) -> Tuple[LoRAConfig, Dict[str, np.ndarray], Dict[str, str], Dict[str, object]]:
+    """Any LoRA file -> (config, arrays under our names, metadata, report) for ``engine``.
+
+    The format is detected from the keys (``lora_formats.detect_format``). ``report``: the
+    format and the counts of modules applied, zero-filled (in an adapted group, absent from the
+    file) and without effect (on a text-encoder block SDXL never runs).
+    """
+    arrays, metadata, fmt = read_any_lora_file(path)
     if fmt == "gm" and VERSION_KEY in metadata:
         return lora_config_from_metadata(path, metadata), arrays, metadata, {"format": fmt, "applied": None}
     names = lora_names(engine)

@@ -464,28 +464,22 @@ def convert_lora_file(engine: nn.Cell, source: str | Path, target: str | Path, f
     """Read a LoRA file in any format and write it as ``fmt`` (``engine`` gives the names; it may
     be built without memory). Per-module alphas survive into kohya and diffusers files; our
     format records one rank/alpha (other alphas folded into ``up``). Returns a report."""
-    from gm.checkpoint.lora import lora_config_from_metadata, read_lora_file, write_lora_arrays
+    from gm.checkpoint.lora import lora_config_from_metadata, read_any_lora_file, write_lora_arrays
 
     source, target = Path(source), Path(target)
     if target.exists() and target.resolve() == source.resolve():
         raise CheckpointError(f"{target} is the input file; choose another output name")
     if fmt not in FORMATS:
         raise CheckpointError(f"--to {fmt!r}: choose one of {', '.join(FORMATS)}")
-    arrays, metadata = read_lora_file(source)
-    found = detect_format(list(arrays), metadata)
-    if found is None:
-        raise CheckpointError(f"{source}: not a LoRA file of a known format (kohya, diffusers, the seed's ckpt, ours)")
+    arrays, metadata, found = read_any_lora_file(source)
     names = lora_names(engine)
     updates = parse_updates(source, arrays, metadata, names, found)
-    if found == "gm":
-        config = lora_config_from_metadata(source, metadata)
-    else:
-        config, _, _ = config_and_arrays(source, updates, names)
+    recorded = lora_config_from_metadata(source, metadata) if found == "gm" else None
+    config, ours, _ = config_and_arrays(source, updates, names, into=recorded)
     # keep the source's own descriptive metadata (prompts, steps, base model) where it is plain text
     carried = {k: v for k, v in metadata.items() if k not in ("format", DIFFUSERS_ADAPTER_METADATA)
                and not k.startswith(("lora_", "gm_lora_"))}
     if fmt == "gm":
-        config, ours, _ = config_and_arrays(source, updates, names, into=config if found == "gm" else None)
         out_arrays, header = format_arrays(LoRAUpdates(_pairs(ours, config.alpha)), names, "gm", config, carried)
     else:
         out_arrays, header = format_arrays(updates, names, fmt, config, carried)

@@ -17,7 +17,7 @@ import numpy as np
 from mindspore import nn
 
 from gm.checkpoint.errors import CheckpointError
-from gm.checkpoint.lora_formats import detect_format, lora_names, parse_updates
+from gm.checkpoint.lora_formats import lora_names, parse_updates
 from gm.checkpoint.safetensors_io import SafetensorsFile, write_safetensors_streaming
 
 _logger = logging.getLogger(__name__)
@@ -29,16 +29,12 @@ Deltas = Dict[str, List[Tuple[Tuple[int, int] | None, np.ndarray]]]
 
 def lora_deltas(engine: nn.Cell, loras: Sequence[Tuple[str | os.PathLike, float]]) -> Deltas:
     """The weight updates of every (LoRA file, scale), keyed by the official base weight name."""
-    from gm.checkpoint.lora import read_lora_file
+    from gm.checkpoint.lora import read_any_lora_file
 
     names = {n.ours: n for n in lora_names(engine)}
     deltas: Deltas = {}
     for path, scale in loras:
-        arrays, metadata = read_lora_file(path)
-        fmt = detect_format(list(arrays), metadata)
-        if fmt is None:
-            raise CheckpointError(f"{path}: not a LoRA file of a known format "
-                                  "(kohya, diffusers, the seed's ckpt, ours)")
+        arrays, metadata, fmt = read_any_lora_file(path)
         updates = parse_updates(path, arrays, metadata, list(names.values()), fmt)
         for ours, (down, up, alpha) in updates.modules.items():
             factor = np.float32(scale * alpha / down.shape[0])
