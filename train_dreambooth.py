@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
-from gm.train_config import FLAG_KEYS, TRAINING_LORA_FORMATS, load_training_config  # noqa: E402
+from gm.train_config import FLAG_KEYS, LORA_SAVE_PRECISIONS, TRAINING_LORA_FORMATS, load_training_config  # noqa: E402
 
 _logger = logging.getLogger("gm.train")
 
@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "lora_dropout": (float, None),
         "lora_format": (str, "format of the saved LoRA files: kohya (default; ComfyUI, A1111/Forge, diffusers), "
                              "diffusers (PEFT) or gm"),
+        "save_precision": (str, "fp32 (default), fp16 or bf16: precision of the saved LoRA .safetensors"),
         "train_text_encoder": (str2bool, "also LoRA-train both text encoders"),
         "resolution": (int, None), "center_crop": (str2bool, None), "random_flip": (str2bool, None),
         "train_batch_size": (int, None), "repeats": (int, None), "max_grad_norm": (float, "0 disables"),
@@ -100,6 +101,9 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
 
     if cfg.lora.format not in TRAINING_LORA_FORMATS:
         raise ConfigError(f"--lora_format {cfg.lora.format!r}: choose one of {', '.join(TRAINING_LORA_FORMATS)}")
+    if cfg.lora.save_precision not in LORA_SAVE_PRECISIONS:
+        raise ConfigError(f"--save_precision {cfg.lora.save_precision!r}: choose one of "
+                          f"{', '.join(LORA_SAVE_PRECISIONS)}")
     if args.init_lora and not Path(args.init_lora).is_file():
         raise ConfigError(f"--init_lora {args.init_lora}: no such file")
     if cfg.train.gradient_checkpointing and args.ms_mode != 0:
@@ -240,7 +244,7 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
                                         "instance_prompt": args.instance_prompt,
                                         "resolution": cfg.data.resolution,
                                         "max_train_steps": cfg.train.max_train_steps},
-                              lora_format=cfg.lora.format)
+                              lora_format=cfg.lora.format, precision=cfg.lora.save_precision)
     if parallel.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(effective), save_path / "config.yaml")

@@ -24,12 +24,10 @@ except ImportError as err:  # the page is optional; the CLI needs no streamlit
 
 from PIL import Image  # noqa: E402
 
-from gm.checkpoint.load import load_weights  # noqa: E402
-from gm.checkpoint.lora import load_lora  # noqa: E402
+from gm.checkpoint.lora_merge import load_base_with_loras, parse_lora_spec  # noqa: E402
 from gm.errors import ConfigError, UserError  # noqa: E402
 from gm.inference import DISCRETIZATIONS, SAMPLERS, Sampler, SamplingOptions, set_mode  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
-from gm.modules.lora import merge_lora  # noqa: E402
 
 DEFAULT_CONFIG = str(REPO / "configs" / "inference" / "sd_xl_base.yaml")
 
@@ -38,25 +36,29 @@ def page_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=DEFAULT_CONFIG)
     parser.add_argument("--weight", default="")
-    parser.add_argument("--lora", default="", help="optional LoRA file (.safetensors or .ckpt) from training")
+    parser.add_argument("--lora", default="", help="optional LoRA files, comma-separated, each FILE or FILE:SCALE "
+                                                   "(any format: kohya, diffusers, the seed's ckpt, ours)")
     parser.add_argument("--ms_mode", type=int, default=0)
     parser.add_argument("--device_target", default="CPU")
     args, _ = parser.parse_known_args()
     return args
 
 
+def lora_list(text: str) -> tuple:
+    """((file, scale), ...) from one LoRA per line or comma, each FILE or FILE:SCALE."""
+    entries = [e.strip() for line in text.splitlines() for e in line.split(",") if e.strip()]
+    return tuple(parse_lora_spec(e) for e in entries)
+
+
 @st.cache_resource(show_spinner="Building the model ...")
-def cached_sampler(config: str, weight: str, lora: str, ms_mode: int, device_target: str) -> Sampler:
-    """One engine per weights choice (base and optional LoRA), reused by every click."""
+def cached_sampler(config: str, weight: str, loras: tuple, ms_mode: int, device_target: str) -> Sampler:
+    """One engine per weights choice (base and optional LoRAs with scales), reused by every click."""
+    if loras and not weight:
+        raise ConfigError("a LoRA needs the base weights it was trained on; fill in 'Base weights'")
     set_mode(ms_mode, device_target)
     engine = build_engine(config)
     if weight:
-        load_weights(engine, weight)
-    if lora:
-        if not weight:
-            raise ConfigError("a LoRA needs the base weights it was trained on; fill in 'Base weights'")
-        load_lora(engine, lora)
-        merge_lora(engine)  # serve at the base model's cost
+        load_base_with_loras(engine, weight, loras)  # LoRAs merged: served at the base model's cost
     return Sampler(engine)
 
 
@@ -72,7 +74,7 @@ def main() -> None:
     with st.sidebar:
         config = st.text_input("Config", args.config, key="config")
         weight = st.text_input("Base weights (.safetensors, diffusers folder or .ckpt)", args.weight, key="weight")
-        lora = st.text_input("LoRA (optional .safetensors or .ckpt from training)", args.lora, key="lora").strip()
+        lora = st.text_area("LoRAs (optional; one per line, FILE or FILE:SCALE, any format)", args.lora, key="lora")
         sampler_name = st.selectbox("Sampler", sorted(SAMPLERS), index=sorted(SAMPLERS).index("EulerEDMSampler"),
                                     key="sampler")
         discretization = st.selectbox("Discretization", sorted(DISCRETIZATIONS), key="discretization")
@@ -91,7 +93,7 @@ def main() -> None:
                               width=int(width), seed=int(seed))
     try:
         options.validate()
-        sampler = cached_sampler(config, weight, lora, args.ms_mode, args.device_target)
+        sampler = cached_sampler(config, weight, lora_list(lora), args.ms_mode, args.device_target)
         with st.spinner("Sampling ..."):
             images = sampler([prompt] * int(num_images), options)
     except UserError as err:

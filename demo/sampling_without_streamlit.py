@@ -7,6 +7,10 @@
     python demo/sampling_without_streamlit.py --weight sd_xl_base_1.0.safetensors,out/sks_dog_lora.safetensors \
         --prompt "a photo of sks dog in a bucket"
 
+    # several LoRAs (any format: kohya, diffusers, the seed's ckpt, ours), one scale each
+    python demo/sampling_without_streamlit.py --weight sd_xl_base_1.0.safetensors,sks.safetensors,style.safetensors \
+        --lora_scale 1.0 0.6 --prompt "a photo of sks dog in a bucket"
+
     # reproduce another implementation's image exactly from its starting noise
     python demo/sampling_without_streamlit.py --weight sdxl-folder/ --prompt prompt.txt \
         --init_latent_path latents.npy --sampler EulerEDMSampler --sample_step 40
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,13 +33,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from gm.checkpoint.load import load_weights  # noqa: E402
-from gm.checkpoint.lora import load_lora  # noqa: E402
+from gm.checkpoint.lora_merge import load_base_with_loras  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
 from gm.inference import DISCRETIZATIONS, SAMPLERS, Sampler, SamplingOptions, save_images, set_mode  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
-from gm.modules.lora import merge_lora  # noqa: E402
 
 _logger = logging.getLogger("gm.sampling")
 
@@ -55,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "configs" / "inference" / "sd_xl_base.yaml"))
     p.add_argument("--weight", default="",
                    help="base weights (official .safetensors, diffusers folder or .ckpt), optionally followed by "
-                        "',' and a LoRA file (.safetensors or .ckpt) written by training")
+                        "',' and one or more LoRA files (any format: kohya, diffusers, the seed's ckpt, ours)")
+    p.add_argument("--lora_scale", type=float, nargs="+", default=None,
+                   help="one scale per LoRA in --weight (default 1.0 each)")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars",
                    help="a prompt, or a .txt file with one prompt per line")
     p.add_argument("--negative_prompt", default="", help="empty: zero text embeddings, as SDXL base")
@@ -126,17 +131,36 @@ def load_init_latents(path: str, expected: tuple) -> np.ndarray:
     return latents
 
 
+def weights_from_args(args: argparse.Namespace) -> tuple[str, list[tuple[str, float]]]:
+    """(base, [(LoRA file, scale)]) from ``--weight base[,lora...]`` and ``--lora_scale``."""
+    parts = [w.strip() for w in args.weight.split(",")] if args.weight else []
+    if not all(parts):
+        raise ConfigError(f"--weight {args.weight}: an empty entry; give the base weights, optionally followed "
+                          "by ',' and LoRA files")
+    base, loras = (parts[0], parts[1:]) if parts else ("", [])
+    scales = args.lora_scale if args.lora_scale is not None else [1.0] * len(loras)
+    if len(scales) != len(loras):
+        raise ConfigError(f"--lora_scale: {len(scales)} scale(s) for {len(loras)} LoRA file(s) in --weight; "
+                          "give one per LoRA")
+    if not all(math.isfinite(scale) for scale in scales):
+        raise ConfigError(f"--lora_scale {' '.join(map(str, scales))}: scales must be finite numbers")
+    for lora in loras:
+        if not Path(lora).is_file():
+            raise ConfigError(f"--weight {args.weight}: LoRA file {lora} does not exist")
+    return base, list(zip(loras, scales))
+
+
+def describe_weights(base: str, loras: list[tuple[str, float]]) -> str:
+    """The PNG metadata's ``weights``: base, then each LoRA with its scale where not 1."""
+    return ",".join([base] + [lora if scale == 1.0 else f"{lora}:{scale:g}" for lora, scale in loras])
+
+
 def main(argv=None) -> None:
     setup_logging()
     args = parse_args(argv)
     options = options_from_args(args)
     prompts = read_prompts(args.prompt)
-    weights = [w.strip() for w in args.weight.split(",")] if args.weight else []
-    if len(weights) > 2 or not all(weights):
-        raise ConfigError(f"--weight {args.weight}: give the base weights, optionally followed by ',' and one "
-                          "LoRA file")
-    if len(weights) == 2 and not Path(weights[1]).is_file():
-        raise ConfigError(f"--weight {args.weight}: LoRA file {weights[1]} does not exist")
+    base, loras = weights_from_args(args)
     init_image = None
     if args.task == "img2img":
         from PIL import Image
@@ -151,11 +175,9 @@ def main(argv=None) -> None:
 
     set_mode(args.ms_mode, args.device_target)
     engine = build_engine(args.config)
-    if weights:
-        load_weights(engine, weights[0])
-        if len(weights) == 2:
-            load_lora(engine, weights[1])
-            merge_lora(engine)  # fold the LoRA into the base weights: sampling then costs what the base costs
+    if base:
+        # LoRAs are folded into the base weights: sampling then costs what the base costs
+        load_base_with_loras(engine, base, loras)
     else:
         _logger.warning("no --weight given: sampling with randomly initialised weights")
     sampler = Sampler(engine)
@@ -164,7 +186,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         images = sampler([prompt] * per_prompt, options, noise=noise, init_image=init_image)
         seconds = time.perf_counter() - start
-        save_images(images, save_path, [prompt] * per_prompt, options, weights=args.weight,
+        save_images(images, save_path, [prompt] * per_prompt, options, weights=describe_weights(base, loras),
                     start_index=index * per_prompt, grid_cols=args.num_cols)
         _logger.info("prompt %d/%d: %d images in %.1f s (%.2f s/step)", index + 1, len(prompts), per_prompt,
                      seconds, seconds / options.num_steps)

@@ -33,6 +33,9 @@ class LoraSection:
     # file format of every saved LoRA (gm.checkpoint.lora_formats): kohya (ComfyUI, A1111/Forge and
     # diffusers load it), diffusers (PEFT), gm (ours); the *_lora.ckpt beside it stays ours
     format: str = "kohya"
+    # precision of the factors in that file (fp32, fp16 or bf16, as kohya's --save_precision);
+    # the *_lora.ckpt stays fp32
+    save_precision: str = "fp32"
 
 
 @dataclass
@@ -106,12 +109,13 @@ class TrainingConfig:
 # LoRA file formats training writes (gm.checkpoint.lora_formats; the seed's layout holds no
 # text-encoder LoRA, so it is an export: tools/convert_lora.py)
 TRAINING_LORA_FORMATS = ("kohya", "diffusers", "gm")
+LORA_SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 
 # command-line flag -> config key (flags left unset keep the YAML value)
 FLAG_KEYS = {
     "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
     "lora_unet_targets": "lora.unet_targets", "train_text_encoder": "lora.train_text_encoder",
-    "lora_format": "lora.format",
+    "lora_format": "lora.format", "save_precision": "lora.save_precision",
     "learning_rate": "optim.learning_rate", "text_encoder_lr": "optim.text_encoder_lr",
     "lr_scheduler": "optim.lr_scheduler", "lr_warmup_steps": "optim.lr_warmup_steps",
     "max_grad_norm": "optim.max_grad_norm",

@@ -101,12 +101,15 @@ def probe_positions(dataset) -> range:
 class CheckpointWriter:
     """LoRA checkpoints every N steps as ``.safetensors`` (in ``lora_format``: kohya, diffusers or
     gm) and a MindSpore ``*_lora.ckpt`` (ours, as the seed's scripts name it), keeping the newest
-    ``keep`` (all when None). Only the main rank writes (``enabled``)."""
+    ``keep`` (all when None). The ``.safetensors`` is stored in ``precision`` (fp32, fp16, bf16),
+    the ``.ckpt`` (exact continuation) in fp32. Only the main rank writes (``enabled``)."""
 
     def __init__(self, folder: Path, keep: Optional[int] = None, enabled: bool = True,
-                 metadata: Optional[Dict[str, object]] = None, lora_format: str = "kohya"):
+                 metadata: Optional[Dict[str, object]] = None, lora_format: str = "kohya",
+                 precision: str = "fp32"):
         self.folder = Path(folder)
         self.lora_format = lora_format
+        self.precision = precision
         self.keep = keep
         self.enabled = enabled
         self.metadata = dict(metadata or {})
@@ -122,7 +125,7 @@ class CheckpointWriter:
             return
         safetensors_path, ckpt_path = self.paths(step)
         metadata = {**self.metadata, "step": step}
-        save_lora(engine, safetensors_path, metadata, lora_format=self.lora_format)
+        save_lora(engine, safetensors_path, metadata, lora_format=self.lora_format, dtype=self.precision)
         save_lora(engine, ckpt_path, metadata)
         self.saved.append((safetensors_path, ckpt_path))
         self.latest = safetensors_path

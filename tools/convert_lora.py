@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
     parser.add_argument("--config", default=str(REPO / "configs" / "inference" / "sd_xl_base.yaml"),
                         help="model config the LoRA belongs to (default: SDXL base)")
-    parser.add_argument("--dtype", choices=["keep", "fp32", "fp16"], default="keep", help="cast the factors")
+    parser.add_argument("--dtype", choices=["keep", "fp32", "fp16", "bf16"], default="keep",
+                        help="cast the factors (bf16: rounded to nearest even)")
     return parser.parse_args(argv)
 
 

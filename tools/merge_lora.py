@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gm.checkpoint.lora_merge import merge_into_single_file  # noqa: E402
+from gm.checkpoint.lora_merge import merge_into_single_file, parse_lora_spec  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
@@ -29,20 +29,10 @@ from gm.models.diffusion import build_engine  # noqa: E402
 _logger = logging.getLogger("gm.merge_lora")
 
 
-def lora_with_scale(text: str):
-    path, sep, scale = text.rpartition(":")
-    if not sep or not path:
-        return text, 1.0
-    try:
-        return path, float(scale)
-    except ValueError:
-        return text, 1.0  # a ':' inside the path
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, help="official single .safetensors (e.g. sd_xl_base_1.0.safetensors)")
-    parser.add_argument("--lora", required=True, nargs="+", type=lora_with_scale, help="FILE or FILE:SCALE, any format")
+    parser.add_argument("--lora", required=True, nargs="+", type=parse_lora_spec, help="FILE or FILE:SCALE, any format")
     parser.add_argument("--output", required=True, help="output .safetensors")
     parser.add_argument("--config", default=str(REPO / "configs" / "inference" / "sd_xl_base.yaml"),
                         help="model config of the base (default: SDXL base)")

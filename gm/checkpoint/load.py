@@ -23,6 +23,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn
 
+from gm.checkpoint.ckpt_io import read_ckpt_file
 from gm.checkpoint.errors import CheckpointError, summarize_keys
 from gm.checkpoint.keymap import KeyRule, apply_rules, check_rules, iter_rules, rename, rule_shapes
 from gm.checkpoint.safetensors_io import MergedSource, SafetensorsFile
@@ -162,19 +163,11 @@ def _pick_safetensors(folder: Path) -> List[Path]:
 
 def read_ckpt(path: str | os.PathLike) -> Dict[str, np.ndarray]:
     """A MindSpore .ckpt (protobuf, not pickle) as ``name -> np.ndarray``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        params = ms.load_checkpoint(str(path))
-    except Exception as err:  # MindSpore raises ValueError/RuntimeError with multi-line text
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None
-    extra = sorted(name for name, p in params.items() if not hasattr(p, "asnumpy"))
-    if extra:  # save_checkpoint(append_dict=...) entries, e.g. a LoRA file's metadata
-        raise CheckpointError(f"{path}: holds non-tensor entries ({', '.join(extra[:3])}) -- a LoRA file? "
+    arrays, strings = read_ckpt_file(path)
+    if strings:  # save_checkpoint(append_dict=...) entries, e.g. a LoRA file's metadata
+        raise CheckpointError(f"{path}: holds non-tensor entries ({', '.join(sorted(strings)[:3])}) -- a LoRA file? "
                               "give it after the base weights: --weight base,lora")
-    return {name: p.asnumpy() for name, p in params.items()}
+    return arrays
 
 
 class _PrefixView(Mapping[str, np.ndarray]):

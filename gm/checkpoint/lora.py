@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 from mindspore import nn
 
+from gm.checkpoint.ckpt_io import read_ckpt_file
 from gm.checkpoint.errors import CheckpointError, summarize_keys
 from gm.checkpoint.lora_formats import (
     config_and_arrays,
@@ -87,13 +88,7 @@ def save_lora(engine: nn.Cell, path: str | os.PathLike, metadata: Optional[Mappi
         raise CheckpointError(f"save_lora: metadata keys {clash} are reserved for the LoRA config")
     header.update({str(k): str(v) for k, v in (metadata or {}).items()})
     arrays = lora_state(engine)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        save_weights(arrays.items(), path, dtype=dtype, metadata=header)
-    else:
-        _save_ckpt(path, arrays, header)
-    _logger.info("saved %d LoRA tensors to %s", len(arrays), path)
-    return len(arrays)
+    return write_lora_arrays(path, arrays, header, "gm", dtype)
 
 
 def _save_foreign(engine: nn.Cell, path: Path, metadata: Optional[Mapping[str, object]], lora_format: str,
@@ -116,32 +111,16 @@ def write_lora_arrays(path: str | os.PathLike, arrays: Mapping[str, np.ndarray],
         raise CheckpointError(f"{path}: the seed's LoRA format is a MindSpore .ckpt; name the file *_lora.ckpt")
     if lora_format in ("kohya", "diffusers") and path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: {lora_format} LoRA files are .safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if lora_format == "seed":
         # the seed's loader reads plain name -> tensor checkpoints: no metadata entry
         save_weights(arrays.items(), path, dtype=dtype)
     elif path.suffix == ".safetensors":
         save_weights(arrays.items(), path, dtype=dtype, metadata=header)
     else:
-        _save_ckpt(path, {k: _cast(v, dtype) for k, v in arrays.items()}, header)
+        save_weights(arrays.items(), path, dtype=dtype,
+                     ckpt_entries={CKPT_METADATA_KEY: json.dumps(dict(header), sort_keys=True)})
     _logger.info("saved %d LoRA tensors (%s format) to %s", len(arrays), lora_format, path)
     return len(arrays)
-
-
-def _cast(value: np.ndarray, dtype: str) -> np.ndarray:
-    casts = {"keep": None, "fp32": np.float32, "fp16": np.float16}
-    if dtype not in casts:
-        raise CheckpointError(f"dtype '{dtype}': a .ckpt LoRA takes keep, fp32 or fp16")
-    return value if casts[dtype] is None else np.asarray(value).astype(casts[dtype])
-
-
-def _save_ckpt(path: Path, arrays: Mapping[str, np.ndarray], header: Mapping[str, str]) -> None:
-    import mindspore as ms
-
-    tmp = path.with_name(path.name + ".tmp.ckpt")  # save_checkpoint insists on the .ckpt suffix
-    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in arrays.items()], str(tmp),
-                       append_dict={CKPT_METADATA_KEY: json.dumps(dict(header), sort_keys=True)})
-    os.replace(tmp, path)
 
 
 def read_lora_file(path: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
@@ -158,24 +137,17 @@ def read_lora_file(path: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict
 
 
 def _read_ckpt(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
-    import mindspore as ms
-
-    try:
-        entries = ms.load_checkpoint(str(path))
-    except Exception as err:  # MindSpore raises ValueError/RuntimeError with multi-line text
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None
-    raw = entries.pop(CKPT_METADATA_KEY, None)
+    arrays, strings = read_ckpt_file(path)
+    raw = strings.pop(CKPT_METADATA_KEY, None)
+    if strings:
+        raise CheckpointError(f"{path}: non-tensor entries {summarize_keys(sorted(strings))}")
     metadata = {}
     if raw is not None:
         try:
             metadata = json.loads(raw)
         except (TypeError, json.JSONDecodeError):
             raise CheckpointError(f"{path}: entry '{CKPT_METADATA_KEY}' is not JSON") from None
-    odd = [k for k, v in entries.items() if not hasattr(v, "asnumpy")]
-    if odd:
-        raise CheckpointError(f"{path}: non-tensor entries {summarize_keys(odd)}")
-    return {name: p.asnumpy() for name, p in entries.items()}, metadata
+    return arrays, metadata
 
 
 def lora_config_from_metadata(path: str | os.PathLike, metadata: Mapping[str, str]) -> LoRAConfig:

@@ -1,9 +1,14 @@
-"""Bake LoRAs into base weights, streaming: ``W += sum_i scale_i * (alpha_i / rank_i) * up_i @ down_i``.
+"""Bake LoRAs into base weights: ``W += sum_i scale_i * (alpha_i / rank_i) * up_i @ down_i``.
 
-The base is an official single ``.safetensors``; the output is one too (official key names, every
-non-LoRA tensor copied as is, in the base's dtype unless a cast is asked for). Tensors are read
-(memory-mapped), updated and written one at a time, so a 7 GB base never needs twice its size in
-memory. LoRAs come in any format ``gm.checkpoint.lora_formats`` reads.
+Two targets share one computation of the updates (``lora_deltas``):
+
+- ``merge_into_single_file``: an official single ``.safetensors`` in, one out (official key names,
+  every non-LoRA tensor copied as is, in the base's dtype unless a cast is asked for). Tensors are
+  read, updated and written one at a time, so a 7 GB base never needs twice its size in memory.
+- ``merge_into_engine``: the weights of a loaded model (sampling with several LoRAs at chosen
+  scales costs what the base costs).
+
+LoRAs come in any format ``gm.checkpoint.lora_formats`` reads.
 """
 
 from __future__ import annotations
@@ -43,6 +48,68 @@ def lora_deltas(engine: nn.Cell, loras: Sequence[Tuple[str | os.PathLike, float]
     return deltas
 
 
+def _check_shapes(where: str | os.PathLike, deltas: Deltas, shape_of) -> None:
+    for name, parts in deltas.items():
+        shape = tuple(shape_of(name))
+        for rows, delta in parts:
+            expected = (shape[0] if rows is None else rows[1] - rows[0], int(np.prod(shape[1:])))
+            if delta.shape != expected:
+                raise CheckpointError(f"{where}: '{name}' is {shape}, the LoRA update is {delta.shape} -- "
+                                      "a LoRA for another model size")
+
+
+def _add_deltas(value: np.ndarray, parts) -> np.ndarray:
+    """``value`` (any float dtype) plus its updates, computed in float32."""
+    merged = value.astype(np.float32)
+    flat = merged.reshape(merged.shape[0], -1)
+    for rows, delta in parts:
+        if rows is None:
+            flat += delta
+        else:
+            flat[rows[0]:rows[1]] += delta
+    return merged
+
+
+def merge_into_engine(engine: nn.Cell, loras: Sequence[Tuple[str | os.PathLike, float]]) -> int:
+    """Add ``loras`` (file, scale) to the loaded base weights of ``engine`` (no LoRA layers are
+    injected; the model keeps the base structure). Returns the number of updated weights."""
+    from mindspore import Tensor
+
+    from gm.modules.lora import lora_config_of
+
+    if lora_config_of(engine) is not None:
+        raise CheckpointError("merge_into_engine: the model has LoRA layers; merge LoRA files into a plain base")
+    deltas = lora_deltas(engine, loras)
+    params = dict(engine.parameters_and_names())
+    _check_shapes(", ".join(str(p) for p, _ in loras), deltas, lambda name: params[name].shape)
+    for name, parts in deltas.items():
+        param = params[name]
+        value = param.asnumpy()
+        param.set_data(Tensor(_add_deltas(value, parts).astype(value.dtype)))
+    return len(deltas)
+
+
+def parse_lora_spec(text: str) -> Tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` -> (file, scale); a ``:`` followed by no number is part of the path."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or not path:
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        return text, 1.0
+
+
+def load_base_with_loras(engine: nn.Cell, weight: str | os.PathLike,
+                         loras: Sequence[Tuple[str | os.PathLike, float]] = ()) -> None:
+    """Base weights, then every (LoRA file, scale) merged in: what the sampling CLI and page serve."""
+    from gm.checkpoint.load import load_weights
+
+    load_weights(engine, weight)
+    if loras:
+        merge_into_engine(engine, loras)
+
+
 def merge_into_single_file(engine: nn.Cell, base: str | os.PathLike, loras: Sequence[Tuple[str, float]],
                            output: str | os.PathLike, dtype: str = "keep") -> int:
     """Write ``base`` with ``loras`` baked in to ``output`` (official single ``.safetensors``).
@@ -63,26 +130,11 @@ def merge_into_single_file(engine: nn.Cell, base: str | os.PathLike, loras: Sequ
     if missing:
         raise CheckpointError(f"{base}: has no '{missing[0]}' for the LoRA to update -- "
                               "is it an SDXL base single file?")
-    for name, parts in deltas.items():
-        shape = source.shape(name)
-        for rows, delta in parts:
-            expected = (shape[0] if rows is None else rows[1] - rows[0], int(np.prod(shape[1:])))
-            if delta.shape != expected:
-                raise CheckpointError(f"{base}: '{name}' is {shape}, the LoRA update is {delta.shape} -- "
-                                      "a LoRA for another model size")
+    _check_shapes(base, deltas, source.shape)
 
     def produce(name: str) -> np.ndarray:
         value = source[name]
-        if name not in deltas:
-            return value
-        merged = value.astype(np.float32)
-        flat = merged.reshape(merged.shape[0], -1)
-        for rows, delta in deltas[name]:
-            if rows is None:
-                flat += delta
-            else:
-                flat[rows[0]:rows[1]] += delta
-        return merged
+        return _add_deltas(value, deltas[name]) if name in deltas else value
 
     def out_dtype(name: str) -> str:
         stored = source.dtype(name)

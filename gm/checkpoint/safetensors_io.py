@@ -2,14 +2,14 @@
 
 Our own reader (the format is an 8-byte header length, a JSON header and raw little-endian
 data) because numpy has no bfloat16 and because a truncated or foreign file must give a
-one-line error that names the file, not a Rust panic. Tensors are read lazily via mmap so a
-7 GB checkpoint is never held twice in memory.
+one-line error that names the file, not a Rust panic. Tensors are read one at a time with plain
+reads (no mmap: pages of a memory-mapped file stay resident and count in the process's memory), so
+a 7 GB checkpoint streamed through the merge tool or the loaders never sits in memory as a whole.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
@@ -67,20 +67,18 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize:
                 raise CheckpointError(f"{self.path}: tensor '{name}' size does not match its shape {shape}")
             self._entries[name] = (dtype, shape, begin, end)
-        self._map: Optional[mmap.mmap] = None
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]
-        if end == begin:
-            return np.zeros(shape, dtype=np.float32 if dtype == "BF16" else _DTYPES[dtype])
-        if self._map is None:
+        raw = np.empty(shape, dtype=_DTYPES[dtype])
+        if end > begin:
             with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        raw = np.frombuffer(self._map, dtype=_DTYPES[dtype], count=(end - begin) // np.dtype(_DTYPES[dtype]).itemsize,
-                            offset=self._data_start + begin).reshape(shape)
+                f.seek(self._data_start + begin)
+                if f.readinto(memoryview(raw.reshape(-1).view(np.uint8))) != end - begin:
+                    raise CheckpointError(f"{self.path}: file shrank while reading tensor '{name}'")
         if dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw.copy()
+            return (raw.reshape(-1).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return raw
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -136,6 +134,13 @@ class MergedSource(Mapping[str, np.ndarray]):
 _DTYPE_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
                 np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
                 np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
+
+
+def dtype_name(array: np.ndarray) -> str:
+    """The safetensors dtype name of a numpy array (``F32``, ``I64``, ...)."""
+    if array.dtype not in _DTYPE_NAMES:
+        raise CheckpointError(f"numpy dtype {array.dtype} has no safetensors equivalent")
+    return _DTYPE_NAMES[array.dtype]
 
 
 def to_bfloat16_bits(array: np.ndarray) -> np.ndarray:

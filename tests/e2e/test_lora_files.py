@@ -72,13 +72,18 @@ def cli():
     return module
 
 
-@pytest.mark.parametrize("weight,message", [
-    ("a.safetensors,b.safetensors,c.safetensors", "optionally followed by ',' and one LoRA file"),
-    ("a.safetensors,", "optionally followed by ',' and one LoRA file"),
-    ("a.safetensors,missing_lora.safetensors", "LoRA file missing_lora.safetensors does not exist"),
+@pytest.mark.parametrize("flags,message", [
+    (["--weight", "a.safetensors,"], "--weight a.safetensors,: an empty entry"),
+    (["--weight", "a.safetensors,missing_lora.safetensors"], "LoRA file missing_lora.safetensors does not exist"),
+    (["--weight", "a.safetensors,b.safetensors,c.safetensors", "--lora_scale", "0.5"],
+     "--lora_scale: 1 scale.s. for 2 LoRA file.s. in --weight"),
+    (["--weight", "a.safetensors", "--lora_scale", "0.5"], "--lora_scale: 1 scale.s. for 0 LoRA"),
+    (["--weight", "a.safetensors,b.safetensors", "--lora_scale", "nan"], "--lora_scale nan: scales must be finite"),
 ])
-def test_bad_weight_lists_are_rejected_before_building(cli, weight, message, tmp_path, monkeypatch):
+def test_bad_weight_lists_are_rejected_before_building(cli, flags, message, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "setup_logging", lambda: None)  # keep pytest's logging set-up
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "b.safetensors").write_bytes(b"not checked before the scales")
     with pytest.raises(ConfigError, match=message):
-        cli.main(["--weight", weight, "--save_path", str(tmp_path / "out"), "--width", "64", "--height", "64"])
+        cli.main([*flags, "--save_path", str(tmp_path / "out"), "--width", "64", "--height", "64"])
     assert not (tmp_path / "out").exists()

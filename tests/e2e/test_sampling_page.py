@@ -44,3 +44,11 @@ def test_bad_value_shows_an_error_not_a_traceback(tiny_weights):
     at.button(key="generate").click().run()
     assert not at.exception
     assert "missing.safetensors" in at.error[0].value
+
+
+def test_lora_list_with_scales_reaches_the_loader(tiny_weights):
+    at = _page(tiny_weights)
+    at.text_area(key="lora").set_value(f"{tiny_weights.root / 'missing_lora.safetensors'}:0.7")
+    at.button(key="generate").click().run()
+    assert not at.exception
+    assert "missing_lora.safetensors" in at.error[0].value

@@ -379,3 +379,27 @@ def test_merge_lora_tool_bakes_the_lora_into_the_base(tiny_weights, trained, inp
     assert {bf16.dtype(k) for k in bf16} == {"BF16"}
     for key in full:
         np.testing.assert_allclose(bf16[key], full[key], rtol=2 ** -8, atol=1e-30)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("kohya", ".safetensors"), ("diffusers", ".safetensors"),
+                                        ("seed", "_lora.ckpt"), ("gm", "_lora.ckpt")])
+def test_half_precision_files_hold_the_factors_rounded_as_torch_rounds(trained, fmt, suffix, tmp_path):
+    from gm.checkpoint.safetensors_io import SafetensorsFile
+
+    engine = trained["unet"]["engine"]
+    full = tmp_path / f"fp32{suffix}"
+    save_lora(engine, full, lora_format=fmt)
+    expected, _ = read_lora_file(full)
+    for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        path = tmp_path / f"{dtype}{suffix}"
+        save_lora(engine, path, lora_format=fmt, dtype=dtype)
+        arrays, _ = read_lora_file(path)
+        assert sorted(arrays) == sorted(expected)
+        for key, value in expected.items():
+            rounded = torch.from_numpy(np.ascontiguousarray(value)).to(torch_dtype).float().numpy()
+            np.testing.assert_array_equal(arrays[key].astype(np.float32), rounded, err_msg=f"{dtype} {key}")
+        if suffix == ".safetensors":
+            assert {SafetensorsFile(path).dtype(k) for k in arrays} == {"F16" if dtype == "fp16" else "BF16"}
+        else:
+            stored = {str(v.dtype) for v in ms.load_checkpoint(str(path)).values() if hasattr(v, "dtype")}
+            assert stored == {"Float16" if dtype == "fp16" else "BFloat16"}
