@@ -18,10 +18,12 @@ import time
 PROCESS_START = time.perf_counter()  # summary.json timings count from here (imports included)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
 
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -30,7 +32,21 @@ sys.path.insert(0, str(REPO))
 
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
-from gm.train_config import FLAG_KEYS, LORA_SAVE_PRECISIONS, TRAINING_LORA_FORMATS, load_training_config  # noqa: E402
+from gm.fs import atomic_write_text  # noqa: E402
+from gm.run_folder import (  # noqa: E402
+    TrainingStopped,
+    check_save_path,
+    clear_run,
+    config_differences,
+    rewind_run,
+)
+from gm.train_config import (  # noqa: E402
+    FLAG_KEYS,
+    LORA_SAVE_PRECISIONS,
+    RESUMABLE_CHANGES,
+    TRAINING_LORA_FORMATS,
+    load_training_config,
+)
 
 _logger = logging.getLogger("gm.train")
 
@@ -64,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "sample_batch_size": (int, "class images generated per batch"),
         "gradient_accumulation_steps": (int, None), "save_ckpt_interval": (int, "optimizer steps"),
         "max_num_ckpt": (int, "keep the newest N checkpoints"), "seed": (int, None),
+        "checkpointing_steps": (int, "full training state (for --resume_from_checkpoint) every N optimizer steps "
+                                     "and at the end (default: --save_ckpt_interval)"),
+        "checkpoints_total_limit": (int, "keep the newest N training states (default: all)"),
+        "max_skipped_steps": (int, "stop after N optimizer steps in a row with non-finite gradients"),
         "max_train_steps": (int, "optimizer steps"), "learning_rate": (float, None),
         "text_encoder_lr": (float, None), "lr_scheduler": (str, "constant, constant_with_warmup, linear, cosine"),
         "lr_warmup_steps": (int, None), "lora_rank": (int, None), "lora_alpha": (float, "scale = alpha / rank"),
@@ -89,6 +109,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         extra = {"nargs": "?", "const": True} if kind is str2bool else {}
         p.add_argument(f"--{name}", type=kind, default=None, help=help_text, **extra)
     p.add_argument("--lora_unet_targets", nargs="+", default=None, help="attn, ff, proj")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' (the newest complete state in --save_path/state) or a state folder: continue "
+                        "that run exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --save_path (its checkpoints, states, samples and logs)")
     p.add_argument("--init_lora", default=None,
                    help="start from this LoRA file (kohya, diffusers, the seed's *_lora.ckpt or ours); its rank "
                         "must equal --lora_rank and its modules lie within the trained ones")
@@ -109,8 +134,15 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
     if cfg.train.gradient_checkpointing and args.ms_mode != 0:
         raise ConfigError("--gradient_checkpointing needs graph mode (--ms_mode 0): MindSpore 2.10's recompute "
                           "returns zero gradients in PyNative")
-    if not args.instance_prompt:
-        raise ConfigError('--instance_prompt is required, e.g. --instance_prompt "a photo of sks dog"')
+    if not args.instance_prompt or not args.instance_prompt.strip():
+        raise ConfigError('--instance_prompt is required (and not blank), e.g. --instance_prompt "a photo of sks dog"')
+    if args.class_prompt is not None and not args.class_prompt.strip():
+        raise ConfigError('--class_prompt is blank; give the class, e.g. --class_prompt "a photo of a dog"')
+    if args.device_target == "CPU" and cfg.train.mixed_precision != "fp32":
+        raise ConfigError(f"--mixed_precision {cfg.train.mixed_precision}: the CPU target trains in fp32 only "
+                          "(fp16/bf16 are for --device_target Ascend or GPU)")
+    if args.device_target not in ("CPU", "GPU", "Ascend"):
+        raise ConfigError(f"--device_target {args.device_target}: expected CPU, GPU or Ascend")
     if not args.instance_data_path:
         raise ConfigError("--instance_data_path is required: a folder with 3-5 photos of the subject")
     validate_instance_folder(args.instance_data_path)
@@ -118,6 +150,33 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
         raise ConfigError('--class_prompt is required with --class_data_path, e.g. --class_prompt "a photo of a dog"')
     if args.class_prompt and not args.class_data_path:
         _logger.warning("--class_prompt is ignored without --class_data_path (no prior preservation)")
+    if args.class_data_path and _same_or_inside(args.class_data_path, args.instance_data_path):
+        raise ConfigError(f"--class_data_path {args.class_data_path}: is the instance folder (or inside it); "
+                          "generated class images would be trained on as photos of the subject -- give a separate "
+                          "folder, e.g. class_images/dog")
+    check_save_path(Path(args.save_path), resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite)
+
+
+def _same_or_inside(path: str, folder: str) -> bool:
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def resume_state_folder(args: argparse.Namespace, effective: dict) -> Optional[Path]:
+    """The state folder ``--resume_from_checkpoint`` names, checked to belong to this run's config."""
+    from gm.train_state import CONFIG_FILE, find_state
+
+    if not args.resume_from_checkpoint:
+        return None
+    folder = find_state(args.save_path, args.resume_from_checkpoint)
+    # flags that set config keys are compared through the config
+    allowed = (*RESUMABLE_CHANGES, *(f"cli.{flag}" for flag in FLAG_KEYS), "cli.lora_unet_targets")
+    differences = config_differences((folder / CONFIG_FILE).read_text(), effective, allowed)
+    if differences:
+        raise ConfigError(f"--resume_from_checkpoint {folder}: the run was made with other settings "
+                          f"({differences[0]}{f' and {len(differences) - 1} more' if len(differences) > 1 else ''}"
+                          "); resume with the same flags and config, or start a new --save_path")
+    return folder
 
 
 def prior_preservation(args: argparse.Namespace, cfg) -> bool:
@@ -172,6 +231,7 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     from gm.optim import LRSchedule, build_optimizer, parameter_groups
     from gm.parallel import barrier, check_ranks_agree, gather_rows, parameters_bytes
     from gm.precision import apply_mixed_precision
+    from gm.train_state import load_state, prune_states, save_state
     from gm.train_step import TrainStep, loss_scale_config
     from gm.training import CheckpointWriter, fixed_noise_instance_loss, per_sample_draws, probe_positions
 
@@ -181,6 +241,16 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     with_prior = prior_preservation(args, cfg)
     effective = {**OmegaConf.to_container(cfg, resolve=True), "cli": vars(args), "world_size": parallel.world_size}
     check_ranks_agree(parallel, json.dumps(effective, sort_keys=True).encode(), "the resolved config and flags")
+    resume_folder = resume_state_folder(args, effective)
+    state = load_state(resume_folder) if resume_folder else None
+    if parallel.is_main and args.overwrite:
+        removed = clear_run(save_path)
+        if removed:
+            _logger.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), save_path)
+    if state is not None:
+        _logger.info("resuming from %s (step %d of %d)", state.path, state.step, cfg.train.max_train_steps)
+        if parallel.is_main:
+            rewind_run(save_path, state.step)
 
     # -- the model ------------------------------------------------------------------------------
     ms.set_seed(cfg.train.seed)  # every rank draws the same random initial weights (LoRA A, a random base)
@@ -226,6 +296,10 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     train_step = TrainStep(loss_cell, optimizer, grad_accum_steps=accum, max_grad_norm=optim.max_grad_norm,
                            loss_scale=loss_scale_config(cfg.train.mixed_precision, cfg.train.loss_scale))
     schedule = LRSchedule(optim.lr_scheduler, optim.lr_warmup_steps, cfg.train.max_train_steps)
+    if state is not None:
+        train_step.load_state_arrays(state.arrays, str(state.path))
+        check_ranks_agree(parallel, parameters_bytes(list(train_step.state_parameters().items())),
+                          "the resumed training state (several machines: put --save_path on a filesystem they share)")
     timings["build_s"] = round(time.perf_counter() - start_time, 2)
     rows = cfg.data.batch_size * (2 if with_prior else 1)  # per micro-batch
     if cfg.train.cache_latents:
@@ -245,21 +319,39 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
                                         "resolution": cfg.data.resolution,
                                         "max_train_steps": cfg.train.max_train_steps},
                               lora_format=cfg.lora.format, precision=cfg.lora.save_precision)
+    writer.adopt_existing()  # a resumed run keeps pruning the checkpoints it wrote before the kill
+    config_text = OmegaConf.to_yaml(OmegaConf.create(effective))
     if parallel.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(effective), save_path / "config.yaml")
+        atomic_write_text(save_path / "config.yaml", config_text)
     probe = fixed_noise_instance_loss(loss_cell, frozen, dataset, seed=cfg.train.seed,
                                       chunk=rows) if cfg.train.probe_loss else (lambda: None)
     timings["frozen_inputs_s"] = round(time.perf_counter() - start_time - timings["build_s"], 2)
     log = (save_path / "train_log.jsonl").open("a") if parallel.is_main else None
-    loss_before = probe()
+    # a resumed run keeps the first attempt's "before" loss (its LoRA is no longer the initial one)
+    loss_before = state.meta.get("loss_before") if state is not None else probe()
+    skipped = dict(state.meta.get("skipped", {"total": 0, "in_a_row": 0})) if state is not None else {
+        "total": 0, "in_a_row": 0}
+    state_every = cfg.train.checkpointing_steps or cfg.train.save_ckpt_interval
+
+    def save_training_state(done: int) -> None:
+        if not parallel.is_main:
+            return
+        with stop_on_disk_errors(f"the training state of step {done}"):
+            folder = save_state(save_path, done, train_step.state_arrays(),
+                                {"loss_before": loss_before, "skipped": skipped, "mindspore": ms.__version__},
+                                config_text)
+        prune_states(save_path, cfg.train.checkpoints_total_limit)
+        _logger.info("step %d: training state saved to %s", done, folder)
     timings["probe_s"] = round(time.perf_counter() - start_time - timings["build_s"] - timings["frozen_inputs_s"], 2)
     if loss_before is not None:
         _logger.info("fixed-noise instance loss before training: %.6f", loss_before)
 
     # -- the loop -------------------------------------------------------------------------------
     phases = {"data_s": [], "frozen_s": [], "step_s": []}  # host batch + draws, VAE/text (or lookup), train step
-    bar = tqdm(range(cfg.train.max_train_steps), desc="training", disable=not parallel.is_main)
+    first = state.step if state is not None else 0
+    bar = tqdm(range(first, cfg.train.max_train_steps), desc="training", disable=not parallel.is_main,
+               initial=first, total=cfg.train.max_train_steps)
     for step in bar:
         start = time.perf_counter()
         lrs = train_step.learning_rates(schedule(step))
@@ -272,6 +364,8 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
             t1 = time.perf_counter()
             latents, cond_inputs = frozen(batch, posterior_noise)
             t2 = time.perf_counter()
+            if not train_step.training:  # LoRA dropout on; probe and sampling switch it off
+                train_step.set_train(True)
             loss, loss_instance, loss_class, grad_norm, overflow, _ = train_step(
                 lrs, latents, ms.Tensor(noise), ms.Tensor(sigmas), *cond_inputs)
             loss.asnumpy()
@@ -282,25 +376,39 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
                   "loss_class": float(loss_class.asnumpy()), "lr": float(lrs.asnumpy()[0]),
                   "grad_norm": float(grad_norm.asnumpy()), "overflow": bool(overflow.asnumpy()),
                   "seconds": round(time.perf_counter() - start, 4)}
+        skipped["total"] += record["overflow"]
+        skipped["in_a_row"] = skipped["in_a_row"] + 1 if record["overflow"] else 0
+        record["skipped_steps"] = skipped["total"]
         if record["overflow"]:
-            _logger.warning("step %d: non-finite gradients, update skipped", step + 1)
+            _logger.warning("step %d: non-finite gradients, update skipped (%d in a row)", step + 1,
+                            skipped["in_a_row"])
         if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         done = step + 1
-        if done == 1:
+        if done == first + 1:
             timings["first_step_s"] = round(time.perf_counter() - start_time, 2)
+        if skipped["in_a_row"] >= cfg.train.max_skipped_steps:
+            raise TrainingStopped(
+                f"{skipped['in_a_row']} optimizer steps in a row had non-finite gradients (--max_skipped_steps "
+                f"{cfg.train.max_skipped_steps}); stopped at step {done}. The last training state in "
+                f"{save_path / 'state'} is intact: lower --learning_rate or use fp32, then resume or restart")
         if done % cfg.train.save_ckpt_interval == 0 or done == cfg.train.max_train_steps:
-            writer.save(engine, done)
+            with stop_on_disk_errors(f"the LoRA checkpoint of step {done}"):
+                writer.save(engine, done)
         prompt = cfg.sampling.validation_prompt
         if prompt and parallel.is_main and (done % cfg.sampling.validation_steps == 0
                                             or done == cfg.train.max_train_steps):
             options = sampling_options(cfg, cfg.train.seed)
             n = cfg.sampling.num_validation_images
+            engine.set_train(False)
+            train_step.set_train(False)
             images = sampler([prompt] * n, options)
             save_images(images, save_path / "samples" / f"step{done:06d}", [prompt] * n, options,
                         weights=str(writer.latest))
+        if done % state_every == 0 or done == cfg.train.max_train_steps:
+            save_training_state(done)
     loss_after = probe()
     if loss_after is not None:
         _logger.info("fixed-noise instance loss after training: %.6f (before: %.6f)", loss_after, loss_before)
@@ -308,11 +416,24 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     _logger.info("trained LoRA identical on all %d ranks (sha256 %s)", parallel.world_size, digests[0][:16])
     if log is not None:
         log.close()
-        summary = {"steps": cfg.train.max_train_steps, "latest_lora": str(writer.latest),
+        summary = {"steps": cfg.train.max_train_steps, "resumed_from_step": first or None,
+                   "skipped_steps": skipped["total"], "latest_lora": str(writer.latest),
                    "fixed_noise_instance_loss_before": loss_before, "fixed_noise_instance_loss_after": loss_after,
                    "world_size": parallel.world_size, "lora_sha256_per_rank": digests,
                    "cached_inputs": frozen.cached, "timings": {**timings, **_median_phases(phases)}}
-        (save_path / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(save_path / "summary.json", json.dumps(summary, indent=2))
+
+
+@contextlib.contextmanager
+def stop_on_disk_errors(what: str):
+    """An OSError while saving (full disk, read-only folder) ends the run with one line; writes
+    are atomic, so what was saved before is intact."""
+    try:
+        yield
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        raise TrainingStopped(f"could not write {what} ({err.strerror or err}{where}); earlier checkpoints are "
+                              "intact -- free some space, then continue with --resume_from_checkpoint latest") from None
 
 
 def _median_phases(phases) -> dict:

@@ -36,7 +36,15 @@ import numpy as np  # noqa: E402
 from gm.checkpoint.lora_merge import load_base_with_loras  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
-from gm.inference import DISCRETIZATIONS, SAMPLERS, Sampler, SamplingOptions, save_images, set_mode  # noqa: E402
+from gm.inference import (  # noqa: E402
+    DISCRETIZATIONS,
+    SAMPLERS,
+    Sampler,
+    SamplingOptions,
+    next_image_index,
+    save_images,
+    set_mode,
+)
 from gm.models.diffusion import build_engine  # noqa: E402
 
 _logger = logging.getLogger("gm.sampling")
@@ -182,12 +190,13 @@ def main(argv=None) -> None:
         _logger.warning("no --weight given: sampling with randomly initialised weights")
     sampler = Sampler(engine)
     save_path = Path(args.save_path)
+    first = next_image_index(save_path)  # continue after images already there: a run never replaces one
     for index, prompt in enumerate(prompts):
         start = time.perf_counter()
         images = sampler([prompt] * per_prompt, options, noise=noise, init_image=init_image)
         seconds = time.perf_counter() - start
         save_images(images, save_path, [prompt] * per_prompt, options, weights=describe_weights(base, loras),
-                    start_index=index * per_prompt, grid_cols=args.num_cols)
+                    start_index=first + index * per_prompt, grid_cols=args.num_cols)
         _logger.info("prompt %d/%d: %d images in %.1f s (%.2f s/step)", index + 1, len(prompts), per_prompt,
                      seconds, seconds / options.num_steps)
 

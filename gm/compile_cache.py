@@ -2,13 +2,22 @@
 are a function of.
 
 Graph compilation dominates short runs (the tiny train step: ~50 s cold, a few seconds from the
-cache). MindSpore's cache reuses a compiled graph when it finds one saved under the same phase
-name; it does not know which model config, shapes or version of our code produced it. So each
+cache). MindSpore's cache does not know which model config, shapes or version of our code
+produced a saved graph. So each
 distinct (code, MindSpore version, device, mode, graph-shaping config) gets its own subfolder and
 a stale graph can never be picked up: a change to any ``gm/`` source file, the model YAML, LoRA
 targets, resolution, batch, precision, ... starts a fresh folder. Values the host feeds into the
 graph at run time (learning rates, step counts, seeds, prompts, paths) are not part of the key, so
 a second run with other values of those starts warm.
+
+Within a process MindSpore fixes the cache folder at the first cached compile and numbers the
+graphs it caches there in compile order; a later process is handed graph N for its N-th cached
+compile, whatever that graph is (measured on 2.10: a run that cached graphs A then B, followed by
+one that compiles only B, gets A's graph for B -- silently wrong results). A run's sequence of
+graphs varies (class images already there, a resumed run skips the first probe, validation
+batches), so only the train step -- compiled once per run, the costliest graph -- is cached:
+``Cell.compile`` is wrapped to switch the cache on for it and off for every other graph, and the
+graphs compiled uncached do not count (measured).
 """
 
 from __future__ import annotations
@@ -29,7 +38,9 @@ HOST_ONLY_KEYS = {
     ("train", "num_class_images"), ("train", "prior_loss_weight"), ("train", "snr_gamma"),
     ("train", "noise_offset"), ("sampling", "validation_prompt"), ("sampling", "validation_steps"),
     ("sampling", "negative_prompt"), ("optim", "learning_rate"), ("optim", "text_encoder_lr"),
-    ("optim", "lr_scheduler"), ("optim", "lr_warmup_steps"),
+    ("optim", "lr_scheduler"), ("optim", "lr_warmup_steps"), ("train", "checkpointing_steps"),
+    ("train", "checkpoints_total_limit"), ("train", "max_skipped_steps"), ("lora", "format"),
+    ("lora", "save_precision"),
 }
 
 
@@ -73,5 +84,31 @@ def enable_compile_cache(setting: Optional[str], key: str) -> Optional[Path]:
         _logger.warning("compile cache %s unusable (%s); compiling without it", folder, err)
         return None
     ms.set_context(enable_compile_cache=True, compile_cache_path=str(folder))
+    _install_per_graph_switch(folder)
     _logger.info("graph compile cache: %s", folder)
     return folder
+
+
+_ROOT: Optional[Path] = None
+# classes of the cells whose graphs go into the cache: one graph per run, always the first cached
+CACHED_GRAPHS = ("TrainStep",)
+
+
+def _install_per_graph_switch(root: Path) -> None:
+    global _ROOT
+    from mindspore import nn
+
+    first = _ROOT is None
+    _ROOT = root
+    if not first:
+        return
+    original = nn.Cell.compile
+
+    def compile_cached_only_if_train_step(cell, *args, **kwargs):
+        if _ROOT is not None:
+            import mindspore as ms
+
+            ms.set_context(enable_compile_cache=type(cell).__name__ in CACHED_GRAPHS)
+        return original(cell, *args, **kwargs)
+
+    nn.Cell.compile = compile_cached_only_if_train_step

@@ -21,6 +21,7 @@ from mindspore import Tensor, nn, ops
 from PIL import Image, PngImagePlugin
 
 from gm.errors import ConfigError
+from gm.fs import publish
 from gm.modules.diffusionmodules.discretizer import Discretization
 from gm.util import instantiate_from_config
 
@@ -244,6 +245,16 @@ def save_images(images: np.ndarray, folder: str | Path, prompts: Sequence[str], 
     return paths
 
 
+def next_image_index(folder: str | Path) -> int:
+    """The first free ``NNNNNN.png`` number in ``folder``: a new run continues after earlier images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    numbers = [int(p.stem) for p in folder.glob("*.png") if p.stem.isdigit()]
+    numbers += [int(p.stem[5:]) for p in folder.glob("grid_*.png") if p.stem[5:].isdigit()]
+    return max(numbers) + 1 if numbers else 0
+
+
 def save_png(image: np.ndarray, path: Path, settings: Dict[str, object]) -> None:
     """One uint8 (H, W, 3) image as PNG with ``settings`` as text chunks (and all of them as JSON in
     ``parameters``); written to a temporary name first so a crash never leaves a broken PNG."""
@@ -253,7 +264,7 @@ def save_png(image: np.ndarray, path: Path, settings: Dict[str, object]) -> None
     info.add_text("parameters", json.dumps(settings, default=str))
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    publish(tmp, path)
 
 
 def make_grid(images: np.ndarray, cols: Optional[int] = None) -> Image.Image:

@@ -7,6 +7,7 @@ absolute) and may override any part of it under ``model:``.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gm.errors import ConfigError
+from gm.inference import SAMPLERS
+from gm.modules.lora import UNET_TARGET_GROUPS
 from gm.optim import LR_SCHEDULERS
 from gm.precision import PRECISIONS
 
@@ -74,6 +77,12 @@ class TrainSection:
     seed: int = 0
     save_ckpt_interval: int = 500
     max_num_ckpt: Optional[int] = None  # keep the newest N checkpoints; None keeps all
+    # full training state (gm.train_state: LoRA, optimizer moments, loss scale, step) every N
+    # optimizer steps and at the end, for --resume_from_checkpoint; None: every save_ckpt_interval
+    checkpointing_steps: Optional[int] = None
+    checkpoints_total_limit: Optional[int] = None  # keep the newest N states; None keeps all
+    # stop after this many optimizer steps in a row with non-finite gradients (each one skipped)
+    max_skipped_steps: int = 100
     # VAE moments and text conditioning computed once before the loop (gm.frozen_inputs); with
     # the text encoders trained, the latents only
     cache_latents: bool = True
@@ -111,6 +120,11 @@ class TrainingConfig:
 TRAINING_LORA_FORMATS = ("kohya", "diffusers", "gm")
 LORA_SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 
+# config keys that may change when a run is resumed (cadence of outputs, not the trained numbers)
+RESUMABLE_CHANGES = ("train.save_ckpt_interval", "train.max_num_ckpt", "train.checkpointing_steps",
+                     "train.checkpoints_total_limit", "train.max_skipped_steps", "train.probe_loss",
+                     "sampling.validation_steps", "lora.format", "lora.save_precision")
+
 # command-line flag -> config key (flags left unset keep the YAML value)
 FLAG_KEYS = {
     "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
@@ -126,6 +140,8 @@ FLAG_KEYS = {
     "sample_batch_size": "train.sample_batch_size", "snr_gamma": "train.snr_gamma",
     "noise_offset": "train.noise_offset", "mixed_precision": "train.mixed_precision", "seed": "train.seed",
     "save_ckpt_interval": "train.save_ckpt_interval", "max_num_ckpt": "train.max_num_ckpt",
+    "checkpointing_steps": "train.checkpointing_steps", "checkpoints_total_limit": "train.checkpoints_total_limit",
+    "max_skipped_steps": "train.max_skipped_steps",
     "cache_latents": "train.cache_latents", "gradient_checkpointing": "train.gradient_checkpointing",
     "probe_loss": "train.probe_loss",
     "validation_prompt": "sampling.validation_prompt", "validation_steps": "sampling.validation_steps",
@@ -204,9 +220,33 @@ def validate(cfg: DictConfig, path: Path) -> None:
         ("train.loss_scale", cfg.train.loss_scale in ("dynamic", "static"), "expected dynamic or static"),
         ("train.save_ckpt_interval", cfg.train.save_ckpt_interval >= 1, "must be >= 1"),
         ("train.max_num_ckpt", cfg.train.max_num_ckpt is None or cfg.train.max_num_ckpt >= 1, "must be >= 1"),
+        ("train.checkpointing_steps", cfg.train.checkpointing_steps is None or cfg.train.checkpointing_steps >= 1,
+         "must be >= 1"),
+        ("train.checkpoints_total_limit",
+         cfg.train.checkpoints_total_limit is None or cfg.train.checkpoints_total_limit >= 1, "must be >= 1"),
+        ("train.max_skipped_steps", cfg.train.max_skipped_steps >= 1, "must be >= 1"),
         ("sampling.num_steps", cfg.sampling.num_steps >= 1, "must be >= 1"),
         ("sampling.validation_steps", cfg.sampling.validation_steps >= 1, "must be >= 1"),
+        ("sampling.num_validation_images", cfg.sampling.num_validation_images >= 1, "must be >= 1"),
+        ("sampling.sampler", cfg.sampling.sampler in SAMPLERS, f"expected one of {', '.join(sorted(SAMPLERS))}"),
+        ("sampling.guidance_scale", cfg.sampling.guidance_scale >= 0, "must be >= 0"),
+        ("train.seed", cfg.train.seed >= 0, "must be >= 0"),
+        ("lora.alpha", cfg.lora.alpha is None or cfg.lora.alpha > 0, "must be > 0 (scale = alpha / rank)"),
+        ("lora.unet_targets", bool(cfg.lora.unet_targets) and set(cfg.lora.unet_targets) <= set(UNET_TARGET_GROUPS),
+         f"expected one or more of {', '.join(UNET_TARGET_GROUPS)}"),
+        ("optim.text_encoder_lr", cfg.optim.text_encoder_lr is None or cfg.optim.text_encoder_lr > 0, "must be > 0"),
     ]
+    # NaN and infinity pass every comparison above that they should fail, or poison the run later
+    floats = ("lora.alpha", "lora.dropout", "optim.learning_rate", "optim.text_encoder_lr", "optim.max_grad_norm",
+              "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "train.prior_loss_weight",
+              "train.snr_gamma", "train.noise_offset", "sampling.guidance_scale")
+    for key in floats:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not math.isfinite(value):
+            fail(key, value, "must be a finite number")
     for key, ok, expected in checks:
         if not ok:
             fail(key, OmegaConf.select(cfg, key), expected)
+    if cfg.sampling.validation_prompt is not None and not cfg.sampling.validation_prompt.strip():
+        fail("sampling.validation_prompt", repr(cfg.sampling.validation_prompt), "is blank; give a prompt or leave "
+             "it unset")

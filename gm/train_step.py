@@ -37,7 +37,7 @@ the graph has run use ``ops.assign`` -- ``Parameter.set_data`` then detaches it 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -155,6 +155,33 @@ class TrainStep(nn.Cell):
         self.backoff_factor = Tensor(loss_scale.backoff_factor, ms.float32)
         self.one = Tensor(1.0, ms.float32)
         self.growth_interval = int(loss_scale.growth_interval)
+
+    def state_parameters(self) -> Dict[str, Parameter]:
+        """Every Parameter an update changes, by name: the trained weights, the AdamW moments and
+        update counter, the loss scale and its growth tracker. Between updates (``micro_step`` 0,
+        accumulation buffers zero) this is the whole training state (``gm.train_state``)."""
+        optimizer = self.optimizer
+        params = [*optimizer.parameters, *optimizer.exp_avg, *optimizer.exp_avg_sq, optimizer.state_step,
+                  self.loss_scale, self.growth_tracker]
+        return {p.name: p for p in params}
+
+    def state_arrays(self) -> Dict[str, np.ndarray]:
+        """``state_parameters`` as numpy copies."""
+        return {name: p.asnumpy() for name, p in self.state_parameters().items()}
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray], where: str) -> None:
+        """Restore ``state_arrays`` (before the first call: ``set_data`` detaches a Parameter from a
+        graph that has already run). Names and shapes must match exactly."""
+        params = self.state_parameters()
+        missing, unexpected = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
+        if missing or unexpected:
+            raise ConfigError(f"{where}: the saved training state does not fit this model: missing "
+                              f"{missing[:2]}, unexpected {unexpected[:2]} -- was it written with another config?")
+        for name, param in params.items():
+            if tuple(np.shape(arrays[name])) != tuple(param.shape):
+                raise ConfigError(f"{where}: '{name}' is {np.shape(arrays[name])} in the saved state, "
+                                  f"{tuple(param.shape)} in the model")
+            param.set_data(Tensor(np.asarray(arrays[name]), dtype=param.dtype))
 
     def learning_rates(self, factor: float) -> Tensor:
         """The ``lrs`` input: each group's base learning rate times the schedule's ``factor``."""

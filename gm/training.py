@@ -84,6 +84,7 @@ def fixed_noise_instance_loss(loss_cell: nn.Cell, frozen: FrozenInputs, dataset,
         # compiled (graph mode): eagerly, 13 chunks of the tiny UNet took 30-140 s per call (measured)
         crossattn, vector = fixed_cond or frozen.encode_conditioning(cond_batch)
         crossattn, vector = crossattn[repeat], vector[repeat]
+        per_sample.set_train(False)  # no LoRA dropout in a measurement
         losses = np.zeros(n * k, np.float64)
         for idx in chunks:
             out = per_sample(*(Tensor(a[idx]) for a in (latents, noise, sigmas, crossattn, vector)))
@@ -120,6 +121,13 @@ class CheckpointWriter:
         stem = f"sdxl_lora_step{step:06d}"
         return self.folder / f"{stem}.safetensors", self.folder / f"{stem}_lora.ckpt"
 
+    def adopt_existing(self) -> None:
+        """Count checkpoints already in the folder (a resumed run's) as saved, oldest first, so
+        ``keep`` prunes across the interruption."""
+        found = sorted(self.folder.glob("sdxl_lora_step*.safetensors")) if self.folder.is_dir() else []
+        self.saved = [(p, p.with_name(p.stem + "_lora.ckpt")) for p in found]
+        self.latest = found[-1] if found else None
+
     def save(self, engine: nn.Cell, step: int) -> None:
         if not self.enabled:
             return
@@ -127,7 +135,8 @@ class CheckpointWriter:
         metadata = {**self.metadata, "step": step}
         save_lora(engine, safetensors_path, metadata, lora_format=self.lora_format, dtype=self.precision)
         save_lora(engine, ckpt_path, metadata)
-        self.saved.append((safetensors_path, ckpt_path))
+        if (safetensors_path, ckpt_path) not in self.saved:
+            self.saved.append((safetensors_path, ckpt_path))
         self.latest = safetensors_path
         while self.keep is not None and len(self.saved) > self.keep:
             for old in self.saved.pop(0):

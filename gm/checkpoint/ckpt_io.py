@@ -10,6 +10,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from gm.checkpoint.errors import CheckpointError
+from gm.fs import publish
 
 
 def read_ckpt_file(path: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
@@ -39,7 +40,7 @@ def read_ckpt_file(path: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict
 def write_ckpt_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], bf16: bool = False,
                     append_dict: Optional[Mapping[str, str]] = None) -> None:
     """Write ``tensors`` (float32 ones as bfloat16 with ``bf16``) atomically: a temporary file, then
-    ``os.replace``, so an interrupted write never leaves a half checkpoint behind."""
+    ``gm.fs.publish``, so an interrupted write never leaves a half checkpoint behind."""
     import mindspore as ms
 
     def tensor(value: np.ndarray) -> ms.Tensor:
@@ -50,4 +51,4 @@ def write_ckpt_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], 
     tmp = path.with_name(path.name + ".tmp.ckpt")  # save_checkpoint insists on the .ckpt suffix
     ms.save_checkpoint([{"name": k, "data": tensor(v)} for k, v in tensors.items()], str(tmp),
                        append_dict=dict(append_dict) if append_dict else None)
-    os.replace(tmp, path)
+    publish(tmp, path)

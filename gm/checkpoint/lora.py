@@ -12,7 +12,7 @@ Keys are the LoRA parameter names relative to the engine, e.g.
 ``model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_down.weight``.
 Metadata: ``gm_lora_format_version``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
 ``lora_unet_targets``, ``lora_text_encoder`` and whatever the caller adds (base model, step, ...).
-Writes are atomic (temporary file, then ``os.replace``).
+Writes are atomic (``gm.fs.publish``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from gm.checkpoint.errors import CheckpointError
+from gm.fs import publish
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -104,7 +105,7 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     # np.ascontiguousarray makes a 0-d array 1-d: keep scalars (kohya's .alpha) scalar
     save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(tmp),
               metadata=dict(metadata) if metadata else None)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 class MergedSource(Mapping[str, np.ndarray]):
@@ -158,7 +159,7 @@ def write_safetensors_streaming(path: str | os.PathLike, entries: Sequence[Tuple
                                 metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write a safetensors file one tensor at a time: ``entries`` (name, dtype name, shape) fix the
     header, ``produce(name)`` returns each tensor's array (BF16 entries: float32 values, rounded
-    here), so at most one tensor is in memory. Atomic: a temporary file, then ``os.replace``."""
+    here), so at most one tensor is in memory. Atomic (``gm.fs.publish``)."""
     path = Path(path)
     header: Dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -179,4 +180,4 @@ def write_safetensors_streaming(path: str | os.PathLike, entries: Sequence[Tuple
                 raise CheckpointError(f"{path}: tensor '{name}' has shape {value.shape}, the header says {shape}")
             data = to_bfloat16_bits(value) if dtype == "BF16" else np.ascontiguousarray(value, _DTYPES[dtype])
             f.write(data.tobytes())
-    os.replace(tmp, path)
+    publish(tmp, path)

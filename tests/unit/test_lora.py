@@ -382,3 +382,37 @@ def test_float32_lora_on_float16_base_and_dropout_only_in_training(mode):
     down, up = noisy.lora_down.weight.asnumpy(), noisy.lora_up.weight.asnumpy()
     np.testing.assert_allclose(evaluation, ones.asnumpy() @ w.T + b + (ones.asnumpy() @ down.T) @ up.T, rtol=1e-5)
     assert not np.allclose(train, evaluation)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_lora_dropout_changes_train_step_gradients_only_in_training_mode(dropout):
+    from gm.optim import build_optimizer
+    from gm.train_step import TrainStep
+
+    class Loss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.layer = LoRALinear(Linear(8, 6), rank=2, alpha=2.0, dropout=dropout)
+            self.layer.lora_up.weight.set_data(Tensor(np.full((6, 2), 0.5, np.float32)))
+
+        def construct(self, x):
+            loss = ops.square(self.layer(x)).mean()
+            return loss, loss, loss
+
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        cell = Loss()
+        params = [cell.layer.lora_down.weight, cell.layer.lora_up.weight]
+        step = TrainStep(cell, build_optimizer([{"params": params, "lr": 0.0}]), max_grad_norm=0)
+        x = Tensor(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+        lrs = step.learning_rates(0.0)  # lr 0: the weights stay put, only the gradients are compared
+        norms = {}
+        for training in (False, True):
+            step.set_train(training)
+            norms[training] = float(step(lrs, x)[3].asnumpy())
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    if dropout:
+        assert abs(norms[True] - norms[False]) > 1e-3 * norms[False], norms
+    else:
+        assert norms[True] == norms[False], norms

@@ -36,10 +36,27 @@ def test_unknown_keys_and_wrong_types_are_rejected(tmp_path):
     ("resolution", 100, "--resolution 100: must be a positive multiple of 8"),
     ("mixed_precision", "fp8", "--mixed_precision fp8"),
     ("max_num_ckpt", 0, "--max_num_ckpt 0"),
+    ("seed", -1, "--seed -1: must be >= 0"),
+    ("learning_rate", float("inf"), "--learning_rate inf: must be a finite number"),
+    ("learning_rate", float("nan"), "--learning_rate nan: must be a finite number"),
+    ("guidance_scale", -1.0, "--guidance_scale -1.0: must be >= 0"),
+    ("lora_alpha", 0.0, "--lora_alpha 0.0: must be > 0"),
+    ("lora_unet_targets", ["attn", "mlp"], "--lora_unet_targets .*expected one or more of attn, ff, proj"),
+    ("validation_prompt", "   ", "--validation_prompt '   ': is blank"),
+    ("checkpointing_steps", 0, "--checkpointing_steps 0: must be >= 1"),
+    ("max_skipped_steps", 0, "--max_skipped_steps 0: must be >= 1"),
 ])
 def test_impossible_flag_values_name_the_flag(flag, value, message):
     with pytest.raises(ConfigError, match=message):
         load_training_config(TINY, {flag: value})
+
+
+def test_unknown_sampler_in_the_yaml_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(OmegaConf.to_yaml({"base_config": "configs/inference/sd_xl_tiny.yaml",
+                                      "sampling": {"sampler": "Heun"}}))
+    with pytest.raises(ConfigError, match="bad.yaml: sampling.sampler Heun: expected one of .*EulerEDMSampler"):
+        load_training_config(bad)
 
 
 def test_missing_config_file():
