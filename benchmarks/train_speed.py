@@ -76,7 +76,7 @@ def ours(config: str, resolution: int, steps: int, variant: str, cache_dir: Path
            "--validation_prompt", "", "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
            "--lora_rank", str(LORA_RANK), "--lora_alpha", str(LORA_RANK), "--lora_unet_targets", "attn",
            "--mixed_precision", "fp32", "--save_path", str(save), "--compile_cache", str(cache_dir),
-           "--ms_mode", "1" if variant == "pynative" else "0"]
+           "--ms_mode", "1" if variant == "pynative" else "0", "--overwrite"]  # the warm rerun reuses the folder
     if variant == "uncached":
         cmd += ["--cache_latents", "False"]
     env = dict(os.environ, GLOG_v="3")

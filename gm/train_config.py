@@ -247,6 +247,6 @@ def validate(cfg: DictConfig, path: Path) -> None:
     for key, ok, expected in checks:
         if not ok:
             fail(key, OmegaConf.select(cfg, key), expected)
-    if cfg.sampling.validation_prompt is not None and not cfg.sampling.validation_prompt.strip():
-        fail("sampling.validation_prompt", repr(cfg.sampling.validation_prompt), "is blank; give a prompt or leave "
-             "it unset")
+    prompt = cfg.sampling.validation_prompt
+    if prompt and not prompt.strip():  # '' turns validation off; spaces only are a mistake
+        fail("sampling.validation_prompt", repr(prompt), "is blank; give a prompt, or '' for no validation images")

@@ -158,8 +158,10 @@ def test_both_ranks_hold_identical_weights_and_only_rank_0_writes(runs, launcher
     assert len(digests) == 2 and digests[0] == digests[1]
     files = sorted(str(p.relative_to(run["save"])) for p in run["save"].rglob("*"))
     assert files == ["checkpoints", f"checkpoints/sdxl_lora_step{STEPS:06d}.safetensors",
-                     f"checkpoints/sdxl_lora_step{STEPS:06d}_lora.ckpt", "config.yaml", "summary.json",
-                     "train_log.jsonl"]
+                     f"checkpoints/sdxl_lora_step{STEPS:06d}_lora.ckpt", "config.yaml", "state",
+                     f"state/step_{STEPS:06d}", *(f"state/step_{STEPS:06d}/{name}" for name in (
+                         "config.yaml", "manifest.json", "state.json", "train_state.safetensors")),
+                     "summary.json", "train_log.jsonl"]
     assert [r["step"] for r in _log(run)] == list(range(1, STEPS + 1))  # one writer
     assert "world_size: 2" in (run["save"] / "config.yaml").read_text()
     # nothing else in the working directory (MindSpore writes no per-rank folders there)
