@@ -150,11 +150,20 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
         raise ConfigError('--class_prompt is required with --class_data_path, e.g. --class_prompt "a photo of a dog"')
     if args.class_prompt and not args.class_data_path:
         _logger.warning("--class_prompt is ignored without --class_data_path (no prior preservation)")
+    if args.class_data_path and cfg.train.prior_loss_weight > 0 and cfg.train.num_class_images == 0:
+        raise ConfigError("--num_class_images 0 with --class_data_path: prior preservation needs class images; give "
+                          "a count (e.g. 100), or drop --class_data_path to train without prior preservation")
+    if args.class_data_path and Path(args.class_data_path).exists() and not Path(args.class_data_path).is_dir():
+        raise ConfigError(f"--class_data_path {args.class_data_path}: is a file; give a folder (made if missing)")
     if args.class_data_path and _same_or_inside(args.class_data_path, args.instance_data_path):
         raise ConfigError(f"--class_data_path {args.class_data_path}: is the instance folder (or inside it); "
                           "generated class images would be trained on as photos of the subject -- give a separate "
                           "folder, e.g. class_images/dog")
     check_save_path(Path(args.save_path), resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite)
+    if args.resume_from_checkpoint:
+        from gm.train_state import find_state
+
+        find_state(args.save_path, args.resume_from_checkpoint)  # exists and verifies; the config is compared later
 
 
 def _same_or_inside(path: str, folder: str) -> bool:

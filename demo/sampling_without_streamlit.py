@@ -106,6 +106,8 @@ def read_prompts(prompt: str) -> list[str]:
         if not prompts:
             raise ConfigError(f"--prompt {prompt}: the file holds no prompts")
         return prompts
+    if not prompt.strip():
+        raise ConfigError("--prompt is blank; give a prompt or a .txt file with one prompt per line")
     return [prompt]
 
 
@@ -130,9 +132,12 @@ def load_init_latents(path: str, expected: tuple) -> np.ndarray:
     if not Path(path).is_file():
         raise ConfigError(f"--init_latent_path {path}: no such file")
     try:
-        latents = np.load(path, allow_pickle=False).astype(np.float32)
-    except ValueError as err:
+        latents = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
         raise ConfigError(f"--init_latent_path {path}: not a numpy .npy array ({err})") from None
+    if not isinstance(latents, np.ndarray):  # an .npz archive
+        raise ConfigError(f"--init_latent_path {path}: an .npz archive; save one array with np.save (.npy)")
+    latents = latents.astype(np.float32)
     if latents.shape != expected:
         raise ConfigError(f"--init_latent_path {path}: shape {latents.shape}, expected {expected} "
                           "(images per prompt, 4, height/8, width/8)")
@@ -175,7 +180,11 @@ def main(argv=None) -> None:
 
         if not args.img or not Path(args.img).is_file():
             raise ConfigError(f"--img {args.img}: img2img needs an existing input image")
-        init_image = Image.open(args.img)
+        try:
+            init_image = Image.open(args.img)
+            init_image.load()
+        except (OSError, Image.DecompressionBombError) as err:
+            raise ConfigError(f"--img {args.img}: not a readable image ({err})") from None
     per_prompt = args.num_cols * args.num_rows
     noise = None
     if args.init_latent_path:

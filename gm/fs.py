@@ -8,8 +8,10 @@ syncs the folder: a reader sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 
 def current_umask() -> int:
@@ -35,15 +37,46 @@ def fsync_path(path: str | os.PathLike) -> None:
 def publish(tmp: str | os.PathLike, final: str | os.PathLike, mode: int = 0o666) -> None:
     """Sync ``tmp``, set ``mode & ~umask``, rename it to ``final`` (atomic), sync the folder."""
     tmp, final = Path(tmp), Path(final)
-    fsync_path(tmp)
-    os.chmod(tmp, mode & ~current_umask())
-    os.replace(tmp, final)
+    try:
+        fsync_path(tmp)
+        os.chmod(tmp, mode & ~current_umask())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a multi-GB temporary behind
+        raise
     fsync_path(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``final`` to write; ``publish`` it when the block ends,
+    delete it when the block fails (a full disk never leaves a partial file behind)."""
+    final = Path(final)
+    tmp = final.with_name(final.name + suffix)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    publish(tmp, final)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``publish``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool, flag: str = "--output") -> Path:
+    """An output file name a tool may write: not a folder, and not an existing file unless
+    ``overwrite`` (a tool never replaces a file it was not told to). Raises ConfigError."""
+    from gm.errors import ConfigError
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    publish(tmp, path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{flag} {path}: already exists; choose another name or pass --overwrite")
+    if not path.parent.is_dir() and path.parent.exists():
+        raise ConfigError(f"{flag} {path}: {path.parent} is not a folder")
+    return path

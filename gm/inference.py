@@ -285,7 +285,11 @@ def set_mode(ms_mode: int, device_target: str) -> None:
         raise ConfigError(f"--ms_mode {ms_mode}: use 0 (graph mode) or 1 (PyNative)")
     if device_target not in ("CPU", "GPU", "Ascend"):
         raise ConfigError(f"--device_target {device_target}: use CPU, GPU or Ascend")
-    ms.set_context(mode=ms_mode, device_target=device_target)
+    try:
+        ms.set_context(mode=ms_mode, device_target=device_target)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--device_target {device_target}: not usable here ({first})") from None
     if device_target == "CPU":
         # kernel-by-kernel execution: the same compile time, 30% faster train steps on this
         # backend than the default level (measured, tiny config)

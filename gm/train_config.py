@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -175,8 +176,8 @@ def load_training_config(path: str | os.PathLike, overrides: Optional[Mapping[st
         for flag, value in (overrides or {}).items():
             if value is not None:
                 OmegaConf.update(cfg, FLAG_KEYS[flag], value, merge=False)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"--config {path}: {str(err).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"--config {path}: {' '.join(str(err).split())}") from None
     base = _resolve_path(cfg.base_config, path.parent)
     if not base.is_file():
         raise ConfigError(f"{path}: base_config {cfg.base_config} not found")

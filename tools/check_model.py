@@ -22,6 +22,8 @@ import numpy as np  # noqa: E402
 
 from gm.checkpoint.load import COMPONENTS, component_cell, load_weights, parameters_of  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
+from gm.errors import ConfigError  # noqa: E402
+from gm.inference import set_mode  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
 
 _logger = logging.getLogger("gm.check_model")
@@ -42,7 +44,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import mindspore as ms
 
-    ms.set_context(mode=args.ms_mode, device_target=args.device_target)
+    if args.resolution < 8 or args.resolution % 8:
+        raise ConfigError(f"--resolution {args.resolution}: must be a positive multiple of 8")
+    set_mode(args.ms_mode, args.device_target)
     engine = build_engine(args.config)
     if args.weight:
         load_weights(engine, args.weight)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 
 from gm.checkpoint.lora_formats import FORMATS, convert_lora_file  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
+from gm.fs import check_output_file  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
 
 _logger = logging.getLogger("gm.convert_lora")
@@ -35,12 +36,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model config the LoRA belongs to (default: SDXL base)")
     parser.add_argument("--dtype", choices=["keep", "fp32", "fp16", "bf16"], default="keep",
                         help="cast the factors (bf16: rounded to nearest even)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     setup_logging()
     args = parse_args(argv)
+    check_output_file(args.output, args.overwrite)
     engine = build_engine(args.config, allocate=False)
     report = convert_lora_file(engine, args.input, args.output, args.to, args.dtype)
     _logger.info("converted %d LoRA modules from %s to %s format: %s", report["modules"], report["from"],

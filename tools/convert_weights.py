@@ -22,6 +22,7 @@ from gm.checkpoint.errors import CheckpointError  # noqa: E402
 from gm.checkpoint.load import weight_arrays  # noqa: E402
 from gm.checkpoint.save import save_weights  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
+from gm.fs import check_output_file  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
 
 _logger = logging.getLogger("gm.convert_weights")
@@ -35,12 +36,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model config the weights belong to (default: SDXL base)")
     parser.add_argument("--dtype", choices=["keep", "fp32", "fp16"], default="keep",
                         help="cast floating tensors (bf16 sources are read as fp32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     setup_logging()
     args = parse_args(argv)
+    check_output_file(args.output, args.overwrite)
     output = Path(args.output)
     if output.exists() and output.resolve() == Path(args.input).resolve():
         raise CheckpointError(f"--output {output} is the input; choose another name")

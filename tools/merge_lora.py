@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 from gm.checkpoint.lora_merge import merge_into_single_file, parse_lora_spec  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
 from gm.errors import ConfigError  # noqa: E402
+from gm.fs import check_output_file  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
 
 _logger = logging.getLogger("gm.merge_lora")
@@ -38,12 +39,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model config of the base (default: SDXL base)")
     parser.add_argument("--dtype", choices=["keep", "fp32", "fp16", "bf16"], default="keep",
                         help="floating tensors of the output (keep: the base's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     setup_logging()
     args = parse_args(argv)
+    check_output_file(args.output, args.overwrite)
     for path, _ in args.lora:
         if not Path(path).is_file():
             raise ConfigError(f"--lora {path}: no such file")

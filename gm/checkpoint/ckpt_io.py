@@ -10,7 +10,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from gm.checkpoint.errors import CheckpointError
-from gm.fs import publish
+from gm.fs import atomic_path
 
 
 def read_ckpt_file(path: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
@@ -47,8 +47,6 @@ def write_ckpt_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], 
         value = ms.Tensor(value)
         return value.astype(ms.bfloat16) if bf16 and value.dtype == ms.float32 else value
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.ckpt")  # save_checkpoint insists on the .ckpt suffix
-    ms.save_checkpoint([{"name": k, "data": tensor(v)} for k, v in tensors.items()], str(tmp),
-                       append_dict=dict(append_dict) if append_dict else None)
-    publish(tmp, path)
+    with atomic_path(path, suffix=".tmp.ckpt") as tmp:  # save_checkpoint insists on the .ckpt suffix
+        ms.save_checkpoint([{"name": k, "data": tensor(v)} for k, v in tensors.items()], str(tmp),
+                           append_dict=dict(append_dict) if append_dict else None)

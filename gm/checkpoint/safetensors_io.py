@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from gm.checkpoint.errors import CheckpointError
-from gm.fs import publish
+from gm.fs import atomic_path
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -100,12 +100,10 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     """Write ``tensors`` (numpy arrays) atomically: a crash mid-write never leaves a half file."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    # np.ascontiguousarray makes a 0-d array 1-d: keep scalars (kohya's .alpha) scalar
-    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(tmp),
-              metadata=dict(metadata) if metadata else None)
-    publish(tmp, path)
+    with atomic_path(path) as tmp:
+        # np.ascontiguousarray makes a 0-d array 1-d: keep scalars (kohya's .alpha) scalar
+        save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(tmp),
+                  metadata=dict(metadata) if metadata else None)
 
 
 class MergedSource(Mapping[str, np.ndarray]):
@@ -170,8 +168,7 @@ def write_safetensors_streaming(path: str | os.PathLike, entries: Sequence[Tuple
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for name, dtype, shape in entries:
@@ -180,4 +177,3 @@ def write_safetensors_streaming(path: str | os.PathLike, entries: Sequence[Tuple
                 raise CheckpointError(f"{path}: tensor '{name}' has shape {value.shape}, the header says {shape}")
             data = to_bfloat16_bits(value) if dtype == "BF16" else np.ascontiguousarray(value, _DTYPES[dtype])
             f.write(data.tobytes())
-    publish(tmp, path)

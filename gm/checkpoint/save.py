@@ -28,6 +28,8 @@ def save_weights(named_arrays: Iterable[Tuple[str, np.ndarray]], path: str | os.
     path = Path(path)
     if path.suffix not in (".ckpt", ".safetensors"):
         raise CheckpointError(f"{path}: give a .ckpt or .safetensors file name")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give a file name ending in {path.suffix or '.safetensors'}")
     if dtype not in _CASTS:
         raise CheckpointError(f"dtype '{dtype}': expected one of {sorted(_CASTS)}")
     cast = _CASTS[dtype]

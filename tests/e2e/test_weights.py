@@ -48,8 +48,13 @@ def test_single_file_and_diffusers_folder_load_the_same_weights(engine, tiny_wei
 
 
 def test_convert_to_ckpt_and_back(tiny_weights, single_file_state, tmp_path):
+    # as in the official file, OpenCLIP's logit_scale is a 0-d tensor: it must stay 0-d both ways
+    source = tmp_path / "with_logit_scale.safetensors"
+    scale = "conditioner.embedders.1.model.logit_scale"
+    save_safetensors(source, {**dict(SafetensorsFile(tiny_weights.single_file).items()),
+                              scale: np.array(4.6052, np.float32)})
     ckpt = tmp_path / "tiny.ckpt"
-    result = _run_tool(["--input", str(tiny_weights.single_file), "--output", str(ckpt),
+    result = _run_tool(["--input", str(source), "--output", str(ckpt),
                         "--config", str(tiny_weights.config)], cwd=tiny_weights.config.parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
     back = tmp_path / "back.safetensors"
@@ -57,10 +62,12 @@ def test_convert_to_ckpt_and_back(tiny_weights, single_file_state, tmp_path):
                        cwd=tiny_weights.config.parents[2])
     assert result.returncode == 0, result.stderr[-2000:]
     round_trip = SafetensorsFile(back)
-    original = SafetensorsFile(tiny_weights.single_file)
+    original = SafetensorsFile(source)
     assert set(round_trip) == set(original)
     for name in original:
+        assert round_trip.shape(name) == original.shape(name), name
         np.testing.assert_array_equal(round_trip[name], original[name], err_msg=name)
+    assert round_trip.shape(scale) == ()
 
 
 def test_fp16_and_bf16_files_load(engine, tiny_weights, single_file_state, tmp_path):
