@@ -39,7 +39,7 @@ def run_entries(save_path: Path) -> List[str]:
 
 
 def check_save_path(save_path: Path, resume: bool, overwrite: bool) -> None:
-    """Before anything is built: ``--save_path`` is a writable folder (made if missing) and holds
+    """Before anything is built: ``--save_path`` is a writable folder (or can be made) and holds
     no other run unless resumed or overwritten."""
     if save_path.exists() and not save_path.is_dir():
         raise ConfigError(f"--save_path {save_path}: is a file; give a folder")
@@ -55,23 +55,28 @@ def check_save_path(save_path: Path, resume: bool, overwrite: bool) -> None:
 
 
 def probe_writable(folder: Path, flag: str) -> None:
-    """Make ``folder`` and write, sync and delete a small file in it: a read-only or full disk
-    shows up now, in one line, not after hours of training."""
-    probe = folder / f".write_probe.{os.getpid()}"
+    """Write, sync and delete a small file in ``folder`` (or, when it does not exist yet, in its
+    nearest existing parent; nothing is created): a read-only or full disk shows up now, in one
+    line, not after hours of training."""
+    target = folder
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise ConfigError(f"{flag} {folder}: {target} is not a folder")
+    probe = target / f".write_probe.{os.getpid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as f:
             f.write(b"\0" * 65536)
             f.flush()
             os.fsync(f.fileno())
-        probe.unlink()
     except OSError as err:
+        raise ConfigError(f"{flag} {folder}: cannot write there ({err.strerror or err}); free some space or "
+                          "choose another folder") from None
+    finally:
         try:
             probe.unlink(missing_ok=True)
         except OSError:
             pass
-        raise ConfigError(f"{flag} {folder}: cannot write there ({err.strerror or err}); free some space or "
-                          "choose another folder") from None
 
 
 def clear_run(save_path: Path) -> List[str]:

@@ -89,8 +89,9 @@ def test_pruning_keeps_the_newest_good_states(tmp_path):
 
 def test_a_save_path_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     save = tmp_path / "run"
-    check_save_path(save, resume=False, overwrite=False)  # new: made and probed
-    assert save.is_dir() and not list(save.iterdir())
+    check_save_path(save, resume=False, overwrite=False)  # new: its parent probed, nothing made
+    assert not save.exists() and not list(tmp_path.iterdir())
+    save.mkdir()
     (save / "train_log.jsonl").write_text('{"step": 1}\n')
     (save / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already holds a training run .train_log.jsonl.*--resume_from_checkpoint"):
