@@ -123,10 +123,9 @@ def config_differences(saved_text: str, current: Mapping[str, Any], allowed: tup
     """Keys whose values differ between a saved run config (YAML text) and the current one,
     ignoring ``allowed`` (dotted keys) and the command line's output-only flags."""
     saved = OmegaConf.to_container(OmegaConf.create(saved_text), resolve=True)
+    # flags that name outputs or the way in, not the trained numbers (the caller passes the rest)
     ignore = set(allowed) | {"cli.resume_from_checkpoint", "cli.overwrite", "cli.init_lora", "cli.compile_cache",
-                             "cli.save_path", "cli.checkpointing_steps", "cli.checkpoints_total_limit",
-                             "cli.max_skipped_steps", "cli.save_ckpt_interval", "cli.max_num_ckpt",
-                             "cli.validation_steps", "cli.probe_loss", "cli.lora_format", "cli.save_precision"}
+                             "cli.save_path"}
     differences: List[str] = []
 
     def walk(a: Any, b: Any, prefix: str) -> None:
