@@ -40,26 +40,12 @@ from gm.run_folder import (  # noqa: E402
     config_differences,
     rewind_run,
 )
-from gm.train_config import (  # noqa: E402
-    FLAG_KEYS,
-    LORA_SAVE_PRECISIONS,
-    RESUMABLE_CHANGES,
-    TRAINING_LORA_FORMATS,
-    load_training_config,
-)
+from gm.train_config import FLAG_KEYS, RESUMABLE_CHANGES, add_config_flags, load_training_config, str2bool  # noqa: E402,E501
 
 _logger = logging.getLogger("gm.train")
 
 
-def str2bool(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "training" / "sd_xl_tiny_dreambooth_lora.yaml"))
     p.add_argument("--weight", default="", help="base weights: official .safetensors, diffusers folder or .ckpt")
@@ -74,41 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_cache", default=None,
                    help="folder for MindSpore's persistent graph cache (default: ~/.cache/sdxl_dreambooth_ms/"
                         "compile, one subfolder per model/shape/code version); 'off' disables it")
-    flags = {  # flag -> (type, help); unset flags keep the YAML value
-        "num_class_images": (int, "top the class folder up to this many images"),
-        "prior_loss_weight": (float, "lambda in loss = instance + lambda * class"),
-        "sample_batch_size": (int, "class images generated per batch"),
-        "gradient_accumulation_steps": (int, None), "save_ckpt_interval": (int, "optimizer steps"),
-        "max_num_ckpt": (int, "keep the newest N checkpoints"), "seed": (int, None),
-        "checkpointing_steps": (int, "full training state (for --resume_from_checkpoint) every N optimizer steps "
-                                     "and at the end (default: --save_ckpt_interval)"),
-        "checkpoints_total_limit": (int, "keep the newest N training states (default: all)"),
-        "max_skipped_steps": (int, "stop after N optimizer steps in a row with non-finite gradients"),
-        "max_train_steps": (int, "optimizer steps"), "learning_rate": (float, None),
-        "text_encoder_lr": (float, None), "lr_scheduler": (str, "constant, constant_with_warmup, linear, cosine"),
-        "lr_warmup_steps": (int, None), "lora_rank": (int, None), "lora_alpha": (float, "scale = alpha / rank"),
-        "lora_dropout": (float, None),
-        "lora_format": (str, "format of the saved LoRA files: kohya (default; ComfyUI, A1111/Forge, diffusers), "
-                             "diffusers (PEFT) or gm"),
-        "save_precision": (str, "fp32 (default), fp16 or bf16: precision of the saved LoRA .safetensors"),
-        "train_text_encoder": (str2bool, "also LoRA-train both text encoders"),
-        "resolution": (int, None), "center_crop": (str2bool, None), "random_flip": (str2bool, None),
-        "train_batch_size": (int, None), "repeats": (int, None), "max_grad_norm": (float, "0 disables"),
-        "mixed_precision": (str, "fp32; fp16/bf16 on Ascend/GPU"), "validation_prompt": (str, None),
-        "validation_steps": (int, None), "num_validation_images": (int, None), "snr_gamma": (float, "min-SNR-gamma"),
-        "noise_offset": (float, None), "sample_steps": (int, "sampler steps for class/validation images"),
-        "guidance_scale": (float, None),
-        "cache_latents": (str2bool, "VAE latents and text conditioning computed once before training "
-                                    "(default on; with --train_text_encoder the latents only)"),
-        "gradient_checkpointing": (str2bool, "recompute activations in backward: less memory, ~30%% slower"),
-        "probe_loss": (str2bool, "fixed-noise instance loss before/after training in summary.json (default on; "
-                                 "its compiled UNet forward costs ~7 GB at full size on a CPU)"),
-    }
-    assert set(flags) <= set(FLAG_KEYS) | {"lora_unet_targets"}
-    for name, (kind, help_text) in flags.items():
-        extra = {"nargs": "?", "const": True} if kind is str2bool else {}
-        p.add_argument(f"--{name}", type=kind, default=None, help=help_text, **extra)
-    p.add_argument("--lora_unet_targets", nargs="+", default=None, help="attn, ff, proj")
+    add_config_flags(p)  # one per training-config setting (gm.train_config): flag, help and check
     p.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (the newest complete state in --save_path/state) or a state folder: continue "
                         "that run exactly")
@@ -117,18 +69,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init_lora", default=None,
                    help="start from this LoRA file (kohya, diffusers, the seed's *_lora.ckpt or ours); its rank "
                         "must equal --lora_rank and its modules lie within the trained ones")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_inputs(args: argparse.Namespace, cfg) -> None:
     """User mistakes that need no model: fail in a second, before anything is built."""
     from gm.data.dreambooth import validate_instance_folder
 
-    if cfg.lora.format not in TRAINING_LORA_FORMATS:
-        raise ConfigError(f"--lora_format {cfg.lora.format!r}: choose one of {', '.join(TRAINING_LORA_FORMATS)}")
-    if cfg.lora.save_precision not in LORA_SAVE_PRECISIONS:
-        raise ConfigError(f"--save_precision {cfg.lora.save_precision!r}: choose one of "
-                          f"{', '.join(LORA_SAVE_PRECISIONS)}")
     if args.init_lora and not Path(args.init_lora).is_file():
         raise ConfigError(f"--init_lora {args.init_lora}: no such file")
     if cfg.train.gradient_checkpointing and args.ms_mode != 0:
@@ -179,7 +130,7 @@ def resume_state_folder(args: argparse.Namespace, effective: dict) -> Optional[P
         return None
     folder = find_state(args.save_path, args.resume_from_checkpoint)
     # flags that set config keys are compared through the config
-    allowed = (*RESUMABLE_CHANGES, *(f"cli.{flag}" for flag in FLAG_KEYS), "cli.lora_unet_targets")
+    allowed = (*RESUMABLE_CHANGES, *(f"cli.{flag}" for flag in FLAG_KEYS))
     differences = config_differences((folder / CONFIG_FILE).read_text(), effective, allowed)
     if differences:
         raise ConfigError(f"--resume_from_checkpoint {folder}: the run was made with other settings "

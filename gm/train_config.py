@@ -7,11 +7,25 @@ absolute) and may override any part of it under ``model:``.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import (
+    Any,
+    Callable,
+    Collection,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -26,83 +40,146 @@ from gm.precision import PRECISIONS
 REPO = Path(__file__).resolve().parents[1]
 
 
+@dataclass(frozen=True)
+class Check:
+    """A value's condition and the phrase that says what was expected."""
+
+    ok: Callable[[Any], bool]
+    expected: str
+
+
+def at_least(bound: float) -> Check:
+    return Check(lambda v: v >= bound, f"must be >= {bound}")
+
+
+def above(bound: float, why: str = "") -> Check:
+    return Check(lambda v: v > bound, f"must be > {bound}{why}")
+
+
+def one_of(names: Sequence[str]) -> Check:
+    return Check(lambda v: v in names, f"expected one of {', '.join(names)}")
+
+
+def setting(default: Any = None, *, flag: Optional[str] = None, help: Optional[str] = None,
+            check: Optional[Check] = None, aliases: Sequence[str] = (), resumable: bool = False) -> Any:
+    """A config field and everything derived from it: its command-line flag (``flag``, plus
+    ``aliases``; None = YAML only), the flag's help, the check of its value (None always passes)
+    and whether a resumed run may change it (cadence of outputs, not the trained numbers)."""
+    meta = {"flag": flag, "help": help, "check": check, "aliases": tuple(aliases), "resumable": resumable}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_POSITIVE = at_least(1)
+
+
 @dataclass
 class LoraSection:
-    rank: int = 4
-    alpha: Optional[float] = None  # None: alpha = rank (scale 1), as diffusers/PEFT
-    dropout: float = 0.0
+    rank: int = setting(4, flag="lora_rank", check=_POSITIVE)
+    # None: alpha = rank (scale 1), as diffusers/PEFT
+    alpha: Optional[float] = setting(None, flag="lora_alpha", help="scale = alpha / rank (default: rank)",
+                                     check=above(0, " (scale = alpha / rank)"))
+    dropout: float = setting(0.0, flag="lora_dropout", check=Check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     # groups of UNet layers (gm.modules.lora): attn (to_q/k/v/out.0 of both attentions), ff, proj
-    unet_targets: List[str] = field(default_factory=lambda: ["attn"])
-    train_text_encoder: bool = False
-    # file format of every saved LoRA (gm.checkpoint.lora_formats): kohya (ComfyUI, A1111/Forge and
-    # diffusers load it), diffusers (PEFT), gm (ours); the *_lora.ckpt beside it stays ours
-    format: str = "kohya"
-    # precision of the factors in that file (fp32, fp16 or bf16, as kohya's --save_precision);
-    # the *_lora.ckpt stays fp32
-    save_precision: str = "fp32"
+    unet_targets: List[str] = setting(
+        ["attn"], flag="lora_unet_targets", help=", ".join(UNET_TARGET_GROUPS),
+        check=Check(lambda v: bool(v) and set(v) <= set(UNET_TARGET_GROUPS),
+                    f"expected one or more of {', '.join(UNET_TARGET_GROUPS)}"))
+    train_text_encoder: bool = setting(False, flag="train_text_encoder", help="also LoRA-train both text encoders")
+    # file format of every saved LoRA (gm.checkpoint.lora_formats); the *_lora.ckpt beside it stays
+    # ours; the seed's layout holds no text-encoder LoRA, so it is an export (tools/convert_lora.py)
+    format: str = setting("kohya", flag="lora_format", resumable=True, check=one_of(("kohya", "diffusers", "gm")),
+                          help="format of the saved LoRA files: kohya (default; ComfyUI, A1111/Forge, diffusers), "
+                               "diffusers (PEFT) or gm")
+    # precision of the factors in that file (as kohya's --save_precision); the *_lora.ckpt stays fp32
+    save_precision: str = setting("fp32", flag="save_precision", resumable=True,
+                                  check=one_of(("fp32", "fp16", "bf16")),
+                                  help="fp32 (default), fp16 or bf16: precision of the saved LoRA .safetensors")
 
 
 @dataclass
 class OptimSection:
-    learning_rate: float = 1e-4
-    text_encoder_lr: Optional[float] = 5e-6
-    lr_scheduler: str = "constant"  # constant, constant_with_warmup, linear, cosine
-    lr_warmup_steps: int = 0
-    weight_decay: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
+    learning_rate: float = setting(1e-4, flag="learning_rate", check=above(0))
+    text_encoder_lr: Optional[float] = setting(5e-6, flag="text_encoder_lr", check=above(0))
+    lr_scheduler: str = setting("constant", flag="lr_scheduler", help=", ".join(LR_SCHEDULERS),
+                                check=one_of(LR_SCHEDULERS))
+    lr_warmup_steps: int = setting(0, flag="lr_warmup_steps", check=at_least(0))
+    weight_decay: float = setting(1e-4, check=at_least(0))
+    beta1: float = setting(0.9, check=Check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    beta2: float = setting(0.999, check=Check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    eps: float = setting(1e-8, check=above(0))
+    max_grad_norm: float = setting(1.0, flag="max_grad_norm", help="0 disables clipping",
+                                   check=at_least(0))
 
 
 @dataclass
 class DataSection:
-    resolution: int = 1024
-    center_crop: bool = False
-    random_flip: bool = False
-    repeats: int = 1
-    batch_size: int = 1
+    resolution: int = setting(1024, flag="resolution",
+                              check=Check(lambda v: v >= 8 and v % 8 == 0, "must be a positive multiple of 8"))
+    center_crop: bool = setting(False, flag="center_crop")
+    random_flip: bool = setting(False, flag="random_flip")
+    repeats: int = setting(1, flag="repeats", aliases=("train_data_repeat",), check=_POSITIVE,
+                           help="each instance photo counts this many times per epoch")
+    batch_size: int = setting(1, flag="train_batch_size", check=_POSITIVE)
 
 
 @dataclass
 class TrainSection:
-    max_train_steps: int = 500
-    gradient_accumulation_steps: int = 1
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    sample_batch_size: int = 4
-    snr_gamma: Optional[float] = None
-    noise_offset: float = 0.0
-    mixed_precision: str = "fp32"  # fp32; fp16/bf16 on Ascend/GPU
-    loss_scale: str = "dynamic"  # fp16 only: dynamic or static
-    seed: int = 0
-    save_ckpt_interval: int = 500
-    max_num_ckpt: Optional[int] = None  # keep the newest N checkpoints; None keeps all
-    # full training state (gm.train_state: LoRA, optimizer moments, loss scale, step) every N
-    # optimizer steps and at the end, for --resume_from_checkpoint; None: every save_ckpt_interval
-    checkpointing_steps: Optional[int] = None
-    checkpoints_total_limit: Optional[int] = None  # keep the newest N states; None keeps all
-    # stop after this many optimizer steps in a row with non-finite gradients (each one skipped)
-    max_skipped_steps: int = 100
-    # VAE moments and text conditioning computed once before the loop (gm.frozen_inputs); with
-    # the text encoders trained, the latents only
-    cache_latents: bool = True
-    gradient_checkpointing: bool = False  # recompute ResBlock/transformer activations in backward
-    # the fixed-noise instance loss before and after training (summary.json)
-    probe_loss: bool = True
+    max_train_steps: int = setting(500, flag="max_train_steps", help="optimizer steps", check=_POSITIVE)
+    gradient_accumulation_steps: int = setting(1, flag="gradient_accumulation_steps", check=_POSITIVE)
+    prior_loss_weight: float = setting(1.0, flag="prior_loss_weight", help="lambda in loss = instance + lambda * class",
+                                       check=at_least(0))
+    num_class_images: int = setting(100, flag="num_class_images", help="top the class folder up to this many images",
+                                    check=at_least(0))
+    sample_batch_size: int = setting(4, flag="sample_batch_size", help="class images generated per batch",
+                                     check=_POSITIVE)
+    snr_gamma: Optional[float] = setting(None, flag="snr_gamma", help="min-SNR-gamma", check=above(0))
+    noise_offset: float = setting(0.0, flag="noise_offset", check=at_least(0))
+    mixed_precision: str = setting("fp32", flag="mixed_precision", help="fp32; fp16/bf16 on Ascend/GPU",
+                                   check=one_of(PRECISIONS))
+    loss_scale: str = setting("dynamic", check=one_of(("dynamic", "static")))  # fp16 only
+    seed: int = setting(0, flag="seed", check=at_least(0))
+    save_ckpt_interval: int = setting(500, flag="save_ckpt_interval", help="optimizer steps", check=_POSITIVE,
+                                      resumable=True)
+    max_num_ckpt: Optional[int] = setting(None, flag="max_num_ckpt", help="keep the newest N checkpoints",
+                                          check=_POSITIVE, resumable=True)
+    # full training state (gm.train_state) every N optimizer steps and at the end
+    checkpointing_steps: Optional[int] = setting(
+        None, flag="checkpointing_steps", check=_POSITIVE, resumable=True,
+        help="full training state (for --resume_from_checkpoint) every N optimizer steps and at the end "
+             "(default: --save_ckpt_interval)")
+    checkpoints_total_limit: Optional[int] = setting(None, flag="checkpoints_total_limit", check=_POSITIVE,
+                                                     resumable=True,
+                                                     help="keep the newest N training states (default: all)")
+    max_skipped_steps: int = setting(100, flag="max_skipped_steps", check=_POSITIVE, resumable=True,
+                                     help="stop after N optimizer steps in a row with non-finite gradients")
+    # with the text encoders trained, the latents only
+    cache_latents: bool = setting(True, flag="cache_latents",
+                                  help="VAE latents and text conditioning computed once before training "
+                                       "(default on; with --train_text_encoder the latents only)")
+    gradient_checkpointing: bool = setting(False, flag="gradient_checkpointing",
+                                           help="recompute activations in backward: less memory, ~30%% slower")
+    probe_loss: bool = setting(True, flag="probe_loss", resumable=True,
+                               help="fixed-noise instance loss before/after training in summary.json (default on; "
+                                    "its compiled UNet forward costs ~7 GB at full size on a CPU)")
 
 
 @dataclass
 class SamplingSection:
     """Class-image generation and validation images (the shared sampler)."""
 
-    sampler: str = "EulerEDMSampler"
-    num_steps: int = 40
-    guidance_scale: float = 5.0
-    negative_prompt: str = ""
-    validation_prompt: Optional[str] = None
-    validation_steps: int = 100
-    num_validation_images: int = 2
+    sampler: str = setting("EulerEDMSampler", check=one_of(sorted(SAMPLERS)))
+    num_steps: int = setting(40, flag="sample_steps", help="sampler steps for class/validation images",
+                             check=_POSITIVE)
+    guidance_scale: float = setting(5.0, flag="guidance_scale", check=at_least(0))
+    negative_prompt: str = setting("")
+    # '' or None: no validation images
+    validation_prompt: Optional[str] = setting(
+        None, flag="validation_prompt", help="prompt of the validation images ('' for none)",
+        check=Check(lambda v: v == "" or bool(v.strip()), "is blank; give a prompt, or '' for no validation images"))
+    validation_steps: int = setting(100, flag="validation_steps", check=_POSITIVE, resumable=True)
+    num_validation_images: int = setting(2, flag="num_validation_images", check=_POSITIVE)
 
 
 @dataclass
@@ -116,39 +193,72 @@ class TrainingConfig:
     sampling: SamplingSection = field(default_factory=SamplingSection)
 
 
-# LoRA file formats training writes (gm.checkpoint.lora_formats; the seed's layout holds no
-# text-encoder LoRA, so it is an export: tools/convert_lora.py)
-TRAINING_LORA_FORMATS = ("kohya", "diffusers", "gm")
-LORA_SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+@dataclass(frozen=True)
+class Setting:
+    """One leaf of the schema, with what ``setting`` attached to it."""
 
-# config keys that may change when a run is resumed (cadence of outputs, not the trained numbers)
-RESUMABLE_CHANGES = ("train.save_ckpt_interval", "train.max_num_ckpt", "train.checkpointing_steps",
-                     "train.checkpoints_total_limit", "train.max_skipped_steps", "train.probe_loss",
-                     "sampling.validation_steps", "lora.format", "lora.save_precision")
+    key: str  # "optim.learning_rate"
+    kind: Any  # its type hint
+    default: Any
+    flag: Optional[str]
+    help: Optional[str]
+    check: Optional[Check]
+    aliases: Tuple[str, ...]
+    resumable: bool
 
+
+def schema_settings() -> List[Setting]:
+    """Every section field of the training config, in declaration order."""
+    out = []
+    for section in fields(TrainingConfig):
+        if not is_dataclass(section.default_factory if section.default_factory is not MISSING else None):
+            continue
+        hints = get_type_hints(section.default_factory)
+        for f in fields(section.default_factory):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            m = f.metadata
+            out.append(Setting(f"{section.name}.{f.name}", hints[f.name], default, m.get("flag"), m.get("help"),
+                               m.get("check"), m.get("aliases", ()), m.get("resumable", False)))
+    return out
+
+
+SETTINGS = schema_settings()
 # command-line flag -> config key (flags left unset keep the YAML value)
-FLAG_KEYS = {
-    "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
-    "lora_unet_targets": "lora.unet_targets", "train_text_encoder": "lora.train_text_encoder",
-    "lora_format": "lora.format", "save_precision": "lora.save_precision",
-    "learning_rate": "optim.learning_rate", "text_encoder_lr": "optim.text_encoder_lr",
-    "lr_scheduler": "optim.lr_scheduler", "lr_warmup_steps": "optim.lr_warmup_steps",
-    "max_grad_norm": "optim.max_grad_norm",
-    "resolution": "data.resolution", "center_crop": "data.center_crop", "random_flip": "data.random_flip",
-    "train_batch_size": "data.batch_size", "repeats": "data.repeats",
-    "max_train_steps": "train.max_train_steps", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "prior_loss_weight": "train.prior_loss_weight", "num_class_images": "train.num_class_images",
-    "sample_batch_size": "train.sample_batch_size", "snr_gamma": "train.snr_gamma",
-    "noise_offset": "train.noise_offset", "mixed_precision": "train.mixed_precision", "seed": "train.seed",
-    "save_ckpt_interval": "train.save_ckpt_interval", "max_num_ckpt": "train.max_num_ckpt",
-    "checkpointing_steps": "train.checkpointing_steps", "checkpoints_total_limit": "train.checkpoints_total_limit",
-    "max_skipped_steps": "train.max_skipped_steps",
-    "cache_latents": "train.cache_latents", "gradient_checkpointing": "train.gradient_checkpointing",
-    "probe_loss": "train.probe_loss",
-    "validation_prompt": "sampling.validation_prompt", "validation_steps": "sampling.validation_steps",
-    "num_validation_images": "sampling.num_validation_images", "sample_steps": "sampling.num_steps",
-    "guidance_scale": "sampling.guidance_scale",
-}
+FLAG_KEYS = {s.flag: s.key for s in SETTINGS if s.flag}
+# config keys that may change when a run is resumed (cadence of outputs, not the trained numbers)
+RESUMABLE_CHANGES = tuple(s.key for s in SETTINGS if s.resumable)
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def _base_type(kind: Any) -> Any:
+    """int for Optional[int], and so on."""
+    if get_origin(kind) is Union:
+        return next(a for a in get_args(kind) if a is not type(None))
+    return kind
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per schema setting that has one; unset flags (None) keep the YAML's value."""
+    for s in SETTINGS:
+        if not s.flag:
+            continue
+        kind = _base_type(s.kind)
+        names = [f"--{s.flag}", *(f"--{alias}" for alias in s.aliases)]
+        help_text = f"{s.help + '; ' if s.help else ''}sets {s.key} of --config"
+        if kind is bool:
+            parser.add_argument(*names, dest=s.flag, type=str2bool, nargs="?", const=True, default=None,
+                                help=help_text)
+        elif get_origin(kind) in (list, List):
+            parser.add_argument(*names, dest=s.flag, nargs="+", default=None, help=help_text)
+        else:
+            parser.add_argument(*names, dest=s.flag, type=kind, default=None, help=help_text)
 
 
 def _resolve_path(path: str, relative_to: Path) -> Path:
@@ -187,67 +297,21 @@ def load_training_config(path: str | os.PathLike, overrides: Optional[Mapping[st
     if cfg.train.gradient_checkpointing:
         model = OmegaConf.merge(model, {"params": {"network_config": {"params": {"use_checkpoint": True}}}})
     cfg.model = model
-    validate(cfg, path)
+    validate(cfg, path, {FLAG_KEYS[f] for f, v in (overrides or {}).items() if v is not None})
     return cfg
 
 
-def validate(cfg: DictConfig, path: Path) -> None:
-    """Impossible values, named by their command-line flag where one exists."""
-    flag = {v: k for k, v in FLAG_KEYS.items()}
-
-    def fail(key: str, value: Any, expected: str) -> None:
-        name = f"--{flag[key]}" if key in flag else f"{path}: {key}"
-        raise ConfigError(f"{name} {value}: {expected}")
-
-    checks = [
-        ("lora.rank", cfg.lora.rank >= 1, "must be >= 1"),
-        ("lora.dropout", 0 <= cfg.lora.dropout < 1, "must be in [0, 1)"),
-        ("optim.learning_rate", cfg.optim.learning_rate > 0, "must be > 0"),
-        ("optim.lr_scheduler", cfg.optim.lr_scheduler in LR_SCHEDULERS, f"expected one of {', '.join(LR_SCHEDULERS)}"),
-        ("optim.lr_warmup_steps", cfg.optim.lr_warmup_steps >= 0, "must be >= 0"),
-        ("optim.max_grad_norm", cfg.optim.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
-        ("data.resolution", cfg.data.resolution >= 8 and cfg.data.resolution % 8 == 0,
-         "must be a positive multiple of 8"),
-        ("data.batch_size", cfg.data.batch_size >= 1, "must be >= 1"),
-        ("data.repeats", cfg.data.repeats >= 1, "must be >= 1"),
-        ("train.max_train_steps", cfg.train.max_train_steps >= 1, "must be >= 1"),
-        ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "must be >= 1"),
-        ("train.prior_loss_weight", cfg.train.prior_loss_weight >= 0, "must be >= 0"),
-        ("train.num_class_images", cfg.train.num_class_images >= 0, "must be >= 0"),
-        ("train.sample_batch_size", cfg.train.sample_batch_size >= 1, "must be >= 1"),
-        ("train.snr_gamma", cfg.train.snr_gamma is None or cfg.train.snr_gamma > 0, "must be > 0"),
-        ("train.noise_offset", cfg.train.noise_offset >= 0, "must be >= 0"),
-        ("train.mixed_precision", cfg.train.mixed_precision in PRECISIONS, f"expected one of {', '.join(PRECISIONS)}"),
-        ("train.loss_scale", cfg.train.loss_scale in ("dynamic", "static"), "expected dynamic or static"),
-        ("train.save_ckpt_interval", cfg.train.save_ckpt_interval >= 1, "must be >= 1"),
-        ("train.max_num_ckpt", cfg.train.max_num_ckpt is None or cfg.train.max_num_ckpt >= 1, "must be >= 1"),
-        ("train.checkpointing_steps", cfg.train.checkpointing_steps is None or cfg.train.checkpointing_steps >= 1,
-         "must be >= 1"),
-        ("train.checkpoints_total_limit",
-         cfg.train.checkpoints_total_limit is None or cfg.train.checkpoints_total_limit >= 1, "must be >= 1"),
-        ("train.max_skipped_steps", cfg.train.max_skipped_steps >= 1, "must be >= 1"),
-        ("sampling.num_steps", cfg.sampling.num_steps >= 1, "must be >= 1"),
-        ("sampling.validation_steps", cfg.sampling.validation_steps >= 1, "must be >= 1"),
-        ("sampling.num_validation_images", cfg.sampling.num_validation_images >= 1, "must be >= 1"),
-        ("sampling.sampler", cfg.sampling.sampler in SAMPLERS, f"expected one of {', '.join(sorted(SAMPLERS))}"),
-        ("sampling.guidance_scale", cfg.sampling.guidance_scale >= 0, "must be >= 0"),
-        ("train.seed", cfg.train.seed >= 0, "must be >= 0"),
-        ("lora.alpha", cfg.lora.alpha is None or cfg.lora.alpha > 0, "must be > 0 (scale = alpha / rank)"),
-        ("lora.unet_targets", bool(cfg.lora.unet_targets) and set(cfg.lora.unet_targets) <= set(UNET_TARGET_GROUPS),
-         f"expected one or more of {', '.join(UNET_TARGET_GROUPS)}"),
-        ("optim.text_encoder_lr", cfg.optim.text_encoder_lr is None or cfg.optim.text_encoder_lr > 0, "must be > 0"),
-    ]
-    # NaN and infinity pass every comparison above that they should fail, or poison the run later
-    floats = ("lora.alpha", "lora.dropout", "optim.learning_rate", "optim.text_encoder_lr", "optim.max_grad_norm",
-              "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "train.prior_loss_weight",
-              "train.snr_gamma", "train.noise_offset", "sampling.guidance_scale")
-    for key in floats:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not math.isfinite(value):
-            fail(key, value, "must be a finite number")
-    for key, ok, expected in checks:
-        if not ok:
-            fail(key, OmegaConf.select(cfg, key), expected)
-    prompt = cfg.sampling.validation_prompt
-    if prompt and not prompt.strip():  # '' turns validation off; spaces only are a mistake
-        fail("sampling.validation_prompt", repr(prompt), "is blank; give a prompt, or '' for no validation images")
+def validate(cfg: DictConfig, path: Path, from_flags: Collection[str] = ()) -> None:
+    """Each setting's check (and finiteness for floats), named by the flag that set it
+    (keys in ``from_flags``) or by its key in the YAML file."""
+    for s in SETTINGS:
+        value = OmegaConf.select(cfg, s.key)
+        if value is None:
+            continue
+        name = f"--{s.flag}" if s.key in from_flags else f"{path}: {s.key}"
+        # NaN and infinity pass comparisons they should fail, or poison the run later
+        if _base_type(s.kind) is float and not math.isfinite(value):
+            raise ConfigError(f"{name} {value}: must be a finite number")
+        if s.check is not None and not s.check.ok(value):
+            shown = repr(value) if isinstance(value, str) and not value.strip() else value
+            raise ConfigError(f"{name} {shown}: {s.check.expected}")

@@ -62,3 +62,39 @@ def test_unknown_sampler_in_the_yaml_names_the_key(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="--config nowhere.yaml: no such file"):
         load_training_config("nowhere.yaml")
+
+
+
+def test_the_schema_generates_every_config_flag_and_nothing_drifts():
+    import train_dreambooth
+    from gm.train_config import FLAG_KEYS, SETTINGS
+
+    parser = train_dreambooth.build_parser()
+    options = {a.dest: a for a in parser._actions}
+    flagged = [s for s in SETTINGS if s.flag]
+    assert len(flagged) == len(FLAG_KEYS) >= 30
+    for s in flagged:  # each flag exists, says which key it sets, and is unset by default
+        assert options[s.flag].default is None and s.key in options[s.flag].help, s.key
+    # every other flag of the script is about the run, not the training config
+    run_flags = {"help", "config", "weight", "instance_data_path", "instance_prompt", "class_data_path",
+                 "class_prompt", "save_path", "ms_mode", "device_target", "is_parallel", "compile_cache",
+                 "resume_from_checkpoint", "overwrite", "init_lora"}
+    assert set(options) - set(FLAG_KEYS) == run_flags
+    args = train_dreambooth.parse_args(["--train_data_repeat", "3", "--center_crop", "--random_flip", "false",
+                                        "--lora_unet_targets", "attn", "ff", "--snr_gamma", "5"])
+    cfg = load_training_config(TINY, {k: getattr(args, k) for k in FLAG_KEYS})
+    assert cfg.data.repeats == 3 and cfg.data.center_crop is True and cfg.data.random_flip is False
+    assert list(cfg.lora.unet_targets) == ["attn", "ff"] and cfg.train.snr_gamma == 5.0
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("optim", "beta2", 1.5, "optim.beta2 1.5: must be in \\[0, 1\\)"),
+    ("optim", "eps", 0.0, "optim.eps 0.0: must be > 0"),
+    ("train", "loss_scale", "auto", "train.loss_scale auto: expected one of dynamic, static"),
+    ("lora", "format", "onnx", "lora.format onnx: expected one of kohya"),
+])
+def test_yaml_only_keys_are_checked_by_the_same_schema(tmp_path, section, key, value, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(OmegaConf.to_yaml({"base_config": "configs/inference/sd_xl_tiny.yaml", section: {key: value}}))
+    with pytest.raises(ConfigError, match=f"bad.yaml: {message}"):
+        load_training_config(bad)

@@ -141,3 +141,66 @@ def test_state_files_respect_the_umask(tmp_path):
     assert oct(folder.stat().st_mode & 0o777) == oct(0o755)
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in folder.iterdir())
     shutil.rmtree(folder)
+
+
+# A child process writes a good state at step 2, then the state of step 4, and is SIGKILLed in the
+# middle of that write: at a fixed point (after a given file is complete), or at a random moment
+# while a large array is being written.
+_WRITER = r"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import gm.train_state as ts
+
+root, stop_after, big = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+meta, config = {"loss_before": 0.5, "skipped": {"total": 0, "in_a_row": 0}}, "lora:\n  rank: 4\n"
+ts.save_state(root, 2, {"w": np.full((4, 8), 2, np.float32)}, meta, config)
+synced = ts.fsync_path
+
+def stall(path):  # the kill lands here, right after `stop_after` is complete on disk
+    synced(path)
+    if Path(path).name == stop_after:
+        (root / "stalled").write_text(str(path))
+        time.sleep(600)
+
+ts.fsync_path = stall
+arrays = {"w": np.full((big, 1024), 4, np.float32)}
+(root / "writing").write_text("")
+ts.save_state(root, 4, arrays, meta, config)
+(root / "done").write_text("")
+"""
+
+
+@pytest.mark.parametrize("stop_after", ["train_state.safetensors", "state.json", "manifest.json", "random"])
+def test_a_kill_during_a_state_write_resumes_from_the_previous_good_state(tmp_path, stop_after):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    big = 64 * 1024 if stop_after == "random" else 4  # 256 MB: the write takes a while
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(repo), str(tmp_path), stop_after, str(big)])
+    marker = tmp_path / ("writing" if stop_after == "random" else "stalled")
+    deadline = time.monotonic() + 120
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert marker.exists(), f"the writer ended (exit {child.returncode}) before the point to kill"
+    if stop_after == "random":
+        time.sleep(random.uniform(0, 0.5))
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    found = find_state(tmp_path, "latest")
+    if (tmp_path / "done").exists() or found.name == "step_000004":  # the random kill came after the rename
+        assert stop_after == "random" and verify_state(found) is None
+        return
+    assert [p.name for p in state_folders(tmp_path)] == ["step_000002"] and found.name == "step_000002"
+    np.testing.assert_array_equal(load_state(found).arrays["w"], np.full((4, 8), 2, np.float32))
+    if stop_after != "random":  # the torn write, under its temporary name
+        assert list((tmp_path / "state").glob(".step_000004.*"))
+    prune_states(tmp_path, None)
+    prune_states(tmp_path, 3)  # the next save's pruning removes it
+    assert not list((tmp_path / "state").glob(".step_*")) and verify_state(found) is None
