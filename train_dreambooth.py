@@ -165,10 +165,11 @@ def main(argv=None) -> None:
 
     set_mode(args.ms_mode, args.device_target)
     with_prior = prior_preservation(args, cfg)
+    parallel = init_parallel(args.is_parallel, args.device_target)  # an msrun scheduler's process ends here
+    # the gradient mean's divisor (the rank count) is a constant in the train step's graph
     enable_compile_cache(args.compile_cache, cache_key(
         OmegaConf.to_container(cfg, resolve=True), ms_mode=args.ms_mode, device=args.device_target,
-        with_prior=with_prior, is_parallel=args.is_parallel))
-    parallel = init_parallel(args.is_parallel, args.device_target)  # an msrun scheduler's process ends here
+        with_prior=with_prior, is_parallel=args.is_parallel, world_size=parallel.world_size))
     setup_logging(parallel.rank)
     with stop_on_collective_failure(parallel):
         train(args, cfg, parallel)

@@ -76,6 +76,10 @@ def enable_compile_cache(setting: Optional[str], key: str) -> Optional[Path]:
         ms.set_context(enable_compile_cache=False)
         return None
     if setting is None and "MS_COMPILER_CACHE_ENABLE" in os.environ:
+        if os.environ["MS_COMPILER_CACHE_ENABLE"] not in ("", "0"):
+            _logger.warning("MS_COMPILER_CACHE_ENABLE is set: MindSpore's own cache serves every graph by compile "
+                            "order, and a run whose graphs come in another order (class images already there, a "
+                            "resume) silently gets wrong ones -- unset it to use the script's keyed cache")
         return None
     folder = (Path(setting) if setting else DEFAULT_ROOT) / key
     try:

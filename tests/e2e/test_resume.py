@@ -1,12 +1,17 @@
 """A training run killed with SIGKILL at a random step and resumed with
 ``--resume_from_checkpoint latest`` finishes with the LoRA, log and validation images of an
 uninterrupted run (graph mode, tiny config, prior preservation, gradient accumulation 2); a
-second run into the same --save_path is refused, and so is a resume with other settings."""
+second run into the same --save_path is refused, and so is a resume with other settings.
+
+The killed run competes with a busy process for the cores and the resume is bound
+to one core (``taskset -c 0``): the result is still bit-identical to the uninterrupted run's, so
+neither the load nor the core binding changes the numbers."""
 
 import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,21 +69,29 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_weights, uninterr
     kill_after = random.Random(seed).randint(EVERY + 1, STEPS - 1)  # a state exists, the run is not done
     save = uninterrupted / f"killed_{seed}"
     stderr = uninterrupted / f"killed_{seed}.log"  # a file, not a pipe: a full pipe would stall the run
-    with open(stderr, "w") as err:
-        process = subprocess.Popen([sys.executable, *_args(tiny_weights, uninterrupted / "class_dog", save)],
-                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.monotonic() + 900
-    while process.poll() is None and time.monotonic() < deadline:
-        log = save / "train_log.jsonl"
-        if log.is_file() and f'"step": {kill_after},' in log.read_text():
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, f"(seed {seed}) ended before step {kill_after}: {stderr.read_text()[-3000:]}"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # a competing CPU load
+    try:
+        with open(stderr, "w") as err:
+            process = subprocess.Popen([sys.executable, *_args(tiny_weights, uninterrupted / "class_dog", save)],
+                                       cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 900
+        while process.poll() is None and time.monotonic() < deadline:
+            log = save / "train_log.jsonl"
+            if log.is_file() and f'"step": {kill_after},' in log.read_text():
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, f"(seed {seed}) ended before step {kill_after}: {stderr.read_text()[-3000:]}"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        busy.kill()
+        busy.wait()
     assert len(_log(save)) >= kill_after and not (save / "summary.json").exists()
 
-    resumed = _run([*_args(tiny_weights, uninterrupted / "class_dog", save), "--resume_from_checkpoint", "latest"])
+    one_core = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    resumed = subprocess.run([*one_core, sys.executable, *_args(tiny_weights, uninterrupted / "class_dog", save),
+                              "--resume_from_checkpoint", "latest"], cwd=REPO, capture_output=True, text=True,
+                             timeout=900)
     assert resumed.returncode == 0, f"(seed {seed}) {resumed.stderr[-4000:]}"
     full = uninterrupted / "full"
     summary = json.loads((save / "summary.json").read_text())
