@@ -29,8 +29,11 @@ _logger = logging.getLogger(__name__)
 _DIFFUSION = "gm.modules.diffusionmodules"
 SAMPLERS = {
     "EulerEDMSampler": f"{_DIFFUSION}.sampling.EulerEDMSampler",
+    "HeunEDMSampler": f"{_DIFFUSION}.sampling.HeunEDMSampler",
     "EulerAncestralSampler": f"{_DIFFUSION}.sampling.EulerAncestralSampler",
+    "DPMPP2SAncestralSampler": f"{_DIFFUSION}.sampling.DPMPP2SAncestralSampler",
     "DPMPP2MSampler": f"{_DIFFUSION}.sampling.DPMPP2MSampler",
+    "LinearMultistepSampler": f"{_DIFFUSION}.sampling.LinearMultistepSampler",
 }
 DISCRETIZATIONS = {
     "LegacyDDPMDiscretization": f"{_DIFFUSION}.discretizer.LegacyDDPMDiscretization",

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from diffusers import HeunDiscreteScheduler, LMSDiscreteScheduler
 from PIL import Image
 
 PROMPT = "a photo of sks dog on the beach"
@@ -24,20 +25,26 @@ def noise(tmp_path_factory):
     return latents, path
 
 
-def _run_cli(tiny_weights, weight, noise_path, out_dir, negative="", ms_mode=0):
+def _run_cli(tiny_weights, weight, noise_path, out_dir, negative="", ms_mode=0, sampler="EulerEDMSampler"):
     cmd = [sys.executable, "demo/sampling_without_streamlit.py", "--config", str(tiny_weights.config),
            "--weight", str(weight), "--prompt", PROMPT, "--negative_prompt", negative,
            "--width", str(SIZE), "--height", str(SIZE), "--sample_step", str(STEPS),
            "--guidance_scale", str(GUIDANCE), "--init_latent_path", str(noise_path),
-           "--save_path", str(out_dir), "--ms_mode", str(ms_mode), "--device_target", "CPU"]
+           "--save_path", str(out_dir), "--ms_mode", str(ms_mode), "--device_target", "CPU", "--sampler", sampler]
     result = subprocess.run(cmd, cwd=tiny_weights.config.parents[2], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     image = Image.open(out_dir / "000000.png")
     return np.asarray(image), image.text
 
 
-def _reference(tiny_weights, latents, negative=None):
+def _reference(tiny_weights, latents, negative=None, scheduler=None):
     pipe = tiny_weights.pipeline
+    if scheduler is not None:  # the shared pipeline gets its Euler scheduler back afterwards
+        original, pipe.scheduler = pipe.scheduler, scheduler.from_config(pipe.scheduler.config)
+        try:
+            return _reference(tiny_weights, latents, negative)
+        finally:
+            pipe.scheduler = original
     pipe.scheduler.set_timesteps(STEPS)
     sigma_max = float(pipe.scheduler.sigmas[0])
     # the pipeline scales given latents by init_noise_sigma (= sigma_max for "trailing" spacing);
@@ -74,6 +81,17 @@ def test_cli_matches_diffusers_with_negative_prompt_from_single_file(tiny_weight
     assert meta["negative_prompt"] == NEGATIVE
     # and the negative prompt matters: without it the image differs
     assert np.abs(reference.astype(int) - _reference(tiny_weights, latents).astype(int)).max() > 2
+
+
+@pytest.mark.parametrize("sampler,scheduler", [
+    ("HeunEDMSampler", HeunDiscreteScheduler),
+    ("LinearMultistepSampler", LMSDiscreteScheduler),
+])
+def test_other_samplers_match_the_pipeline_with_their_scheduler(tiny_weights, noise, tmp_path, sampler, scheduler):
+    latents, path = noise
+    ours, meta = _run_cli(tiny_weights, tiny_weights.single_file, path, tmp_path / "out", sampler=sampler)
+    assert meta["sampler"] == sampler
+    _assert_same_image(ours, _reference(tiny_weights, latents, scheduler=scheduler))
 
 
 def test_graph_mode_and_pynative_give_the_same_image(tiny_weights, noise, tmp_path):

@@ -1,5 +1,5 @@
-"""Our samplers against diffusers' schedulers: same model function, same initial (and per-step)
-noise, trajectories within 1e-4.
+"""Our samplers against diffusers' schedulers (k-diffusion's formulas, written here in torch, where
+diffusers has none): same model function, same initial (and per-step) noise, trajectories within 1e-4.
 
 The model is a fixed nonlinear noise predictor of (input, timestep) written twice (MindSpore and
 torch), so the test isolates the sampler arithmetic, the discretization, the input scaling and the
@@ -12,11 +12,24 @@ import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
 from mindspore import Tensor, nn, ops
 
 from gm.modules.diffusionmodules.denoiser import DiscreteDenoiser
-from gm.modules.diffusionmodules.sampling import DPMPP2MSampler, EulerAncestralSampler, EulerEDMSampler
+from gm.modules.diffusionmodules.sampling import (
+    DPMPP2MSampler,
+    DPMPP2SAncestralSampler,
+    EulerAncestralSampler,
+    EulerEDMSampler,
+    HeunEDMSampler,
+    LinearMultistepSampler,
+)
 
 SHAPE = (2, 4, 8, 8)
 DDPM = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
@@ -133,4 +146,93 @@ def test_dpmpp_2m_matches_dpm_solver_multistep(denoise_and_trace, steps):
                                        lambda s, i: s * math.sqrt(1 + float(sigmas[i]) ** 2), variance_exploding=False)
     for i, ((ours, _), ref) in enumerate(zip(trace, states)):
         _assert_close(ours, ref, f"step {i}")
+    _assert_close(final, ref_final, "final")
+
+
+# step counts that divide 1000: otherwise diffusers' "trailing" rounds 1000 - k * 1000/n before
+# subtracting 1 (n = 3: 999, 666, 332) where sgm truncates linspace(999, 0, n) (999, 666, 333)
+@pytest.mark.parametrize("steps", [4, 8])
+def test_heun_matches_heun_discrete(denoise_and_trace, steps):
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    noise = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
+    final = HeunEDMSampler(discretization_config=DDPM, num_steps=steps)(denoise_fn, Tensor(noise), COND).asnumpy()
+    scheduler = HeunDiscreteScheduler(**SCHEDULE)
+    states, ref_final = _reference_run(scheduler, noise, steps, lambda s, i: s)
+    # two network calls per step but the last, each at diffusers' (interleaved) sigma
+    assert len(trace) == len(states) == 2 * steps - 1
+    for i, ((ours, sigma), ref) in enumerate(zip(trace, states)):
+        assert math.isclose(sigma, float(scheduler.sigmas[i]), rel_tol=1e-5), i
+        _assert_close(ours, ref, f"call {i}")
+    _assert_close(final, ref_final, "final")
+
+
+@pytest.mark.parametrize("steps", [4, 20])
+def test_linear_multistep_matches_lms_discrete(denoise_and_trace, steps):
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    noise = np.random.default_rng(4).standard_normal(SHAPE).astype(np.float32)
+    sampler = LinearMultistepSampler(discretization_config=DDPM, num_steps=steps)
+    final = sampler(denoise_fn, Tensor(noise), COND).asnumpy()
+    states, ref_final = _reference_run(LMSDiscreteScheduler(**SCHEDULE), noise, steps, lambda s, i: s)
+    assert len(trace) == len(states) == steps
+    for i, ((ours, _), ref) in enumerate(zip(trace, states)):
+        _assert_close(ours, ref, f"step {i}")
+    _assert_close(final, ref_final, "final")
+
+
+def _dpmpp_2s_ancestral_reference(noise, sigmas, step_noises, eta=1.0):
+    """k-diffusion's ``sample_dpmpp_2s_ancestral`` (Katherine Crowson, MIT), from its published
+    formulas, in torch on the test's noise predictor; returns the model inputs and the result."""
+    def denoised(x, sigma):
+        # eps-prediction at the training timestep nearest to sigma (sgm's quantized c_noise; the
+        # midpoint sigma lies between table entries), scalings from the exact sigma
+        t = float(np.abs(np.exp(LOG_SIGMAS) - sigma).argmin())
+        c_in = 1 / math.sqrt(sigma**2 + 1)
+        return x - sigma * eps_numpy_like(x * c_in, torch.tensor(t), torch)
+
+    x = torch.from_numpy(noise).double() * math.sqrt(1 + sigmas[0] ** 2)
+    inputs = []
+    for i in range(len(sigmas) - 1):
+        inputs.append(x.numpy().copy())
+        d0 = denoised(x, sigmas[i])
+        up = min(sigmas[i + 1],
+                 eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5)
+        down = (sigmas[i + 1] ** 2 - up**2) ** 0.5
+        if down == 0:
+            x = x + (x - d0) / sigmas[i] * (down - sigmas[i])
+        else:
+            t, t_next = -math.log(sigmas[i]), -math.log(down)
+            h = t_next - t
+            s = t + 0.5 * h
+            x2 = (math.exp(-s) / math.exp(-t)) * x - math.expm1(-0.5 * h) * d0
+            inputs.append(x2.numpy().copy())
+            x = (math.exp(-t_next) / math.exp(-t)) * x - math.expm1(-h) * denoised(x2, math.exp(-s))
+        if up > 0:
+            x = x + torch.from_numpy(step_noises[i]).double() * up
+    return inputs, x.numpy()
+
+
+_BETAS = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+_ABAR = np.cumprod(1 - _BETAS)
+LOG_SIGMAS = np.log(np.sqrt((1 - _ABAR) / _ABAR))
+
+
+# eta 1 puts the midpoint exactly on the next sigma (sigma_down = next^2 / sigma); eta 0.5 off the table
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_dpmpp_2s_ancestral_matches_k_diffusion_formulas(denoise_and_trace, eta):
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    steps = 6
+    noise = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+    step_noises = [np.random.default_rng(200 + i).standard_normal(SHAPE).astype(np.float32) for i in range(steps)]
+    draws = iter(step_noises)
+    sampler = DPMPP2SAncestralSampler(discretization_config=DDPM, num_steps=steps, eta=eta)
+    final = sampler(denoise_fn, Tensor(noise), COND, noise_fn=lambda shape: Tensor(next(draws))).asnumpy()
+    # the reference's sigmas: sgm's timesteps (linspace(999, 0, n) truncated) looked up in the DDPM table
+    sigmas = [*np.exp(LOG_SIGMAS[np.linspace(999, 0, steps, endpoint=False).astype(int)]), 0.0]
+    inputs, ref_final = _dpmpp_2s_ancestral_reference(noise, [float(v) for v in sigmas], step_noises, eta)
+    assert len(trace) == len(inputs) == 2 * steps - 1
+    for i, ((ours, _), ref) in enumerate(zip(trace, inputs)):
+        _assert_close(ours, ref, f"call {i}")
     _assert_close(final, ref_final, "final")

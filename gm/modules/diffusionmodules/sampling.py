@@ -88,6 +88,66 @@ class EulerEDMSampler(BaseDiffusionSampler):
         return x
 
 
+class HeunEDMSampler(EulerEDMSampler):
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 2):
+    an Euler step, then the average of the slopes at both ends; the last step, to sigma 0, stays
+    Euler (the slope there is undefined). Two network calls per step but the last."""
+
+    def __call__(self, denoise_fn: DenoiseFn, x: Tensor, cond: Cond, uncond: Optional[Cond] = None,
+                 num_steps: Optional[int] = None, noise_fn: Optional[NoiseFn] = None) -> Tensor:
+        x, sigmas = self.prepare_sampling_loop(x, num_steps)
+        n = len(sigmas) - 1
+        for i in self.steps(sigmas):
+            sigma, next_sigma = float(sigmas[i]), float(sigmas[i + 1])
+            gamma = min(self.s_churn / n, 2**0.5 - 1) if self.s_tmin <= sigma <= self.s_tmax else 0.0
+            sigma_hat = sigma * (gamma + 1.0)
+            if gamma > 0:
+                x = x + _noise(noise_fn, x) * self.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+            d = to_d(x, sigma_hat, self.denoise(x, denoise_fn, sigma_hat, cond, uncond))
+            euler = x + d * (next_sigma - sigma_hat)
+            if next_sigma == 0:
+                x = euler
+            else:
+                d_next = to_d(euler, next_sigma, self.denoise(euler, denoise_fn, next_sigma, cond, uncond))
+                x = x + (d + d_next) * (0.5 * (next_sigma - sigma_hat))
+        return x
+
+
+def linear_multistep_coefficient(sigmas: np.ndarray, i: int, j: int, order: int) -> float:
+    """Integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial of node ``i - j``
+    among the nodes sigma_i, ..., sigma_{i-order+1}: the weight of the j-th newest slope in an
+    Adams-Bashforth step. Integrated exactly (a polynomial), not by quadrature."""
+    nodes = [float(sigmas[i - k]) for k in range(order)]
+    basis = np.polynomial.Polynomial([1.0])
+    for k, node in enumerate(nodes):
+        if k != j:
+            basis = basis * np.polynomial.Polynomial([-node, 1.0]) / (nodes[j] - node)
+    antiderivative = basis.integ()
+    return float(antiderivative(float(sigmas[i + 1])) - antiderivative(float(sigmas[i])))
+
+
+class LinearMultistepSampler(BaseDiffusionSampler):
+    """Linear multistep (Adams-Bashforth in sigma) of up to ``order`` past slopes; one network call
+    per step. The first steps use as many slopes as exist."""
+
+    def __init__(self, *args, order: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.order = order
+
+    def __call__(self, denoise_fn: DenoiseFn, x: Tensor, cond: Cond, uncond: Optional[Cond] = None,
+                 num_steps: Optional[int] = None, noise_fn: Optional[NoiseFn] = None) -> Tensor:
+        x, sigmas = self.prepare_sampling_loop(x, num_steps)
+        slopes = []  # newest first
+        for i in self.steps(sigmas):
+            sigma = float(sigmas[i])
+            slopes.insert(0, to_d(x, sigma, self.denoise(x, denoise_fn, sigma, cond, uncond)))
+            del slopes[self.order:]
+            order = len(slopes)
+            for j, slope in enumerate(slopes):
+                x = x + slope * linear_multistep_coefficient(sigmas, i, j, order)
+        return x
+
+
 def ancestral_step(sigma: float, next_sigma: float, eta: float = 1.0) -> Tuple[float, float]:
     """(sigma_down, sigma_up): deterministic part and fresh-noise part of a step to ``next_sigma``."""
     if eta == 0 or next_sigma == 0:
@@ -111,6 +171,31 @@ class EulerAncestralSampler(BaseDiffusionSampler):
             denoised = self.denoise(x, denoise_fn, sigma, cond, uncond)
             sigma_down, sigma_up = ancestral_step(sigma, next_sigma, self.eta)
             x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+            if sigma_up > 0:
+                x = x + _noise(noise_fn, x) * (self.s_noise * sigma_up)
+        return x
+
+
+class DPMPP2SAncestralSampler(EulerAncestralSampler):
+    """DPM-Solver++(2S) ancestral (k-diffusion's ``sample_dpmpp_2s_ancestral``): a second-order
+    single step in log-sigma time to ``sigma_down`` (a midpoint evaluation), then fresh noise of
+    ``sigma_up``; Euler on the last step to sigma 0."""
+
+    def __call__(self, denoise_fn: DenoiseFn, x: Tensor, cond: Cond, uncond: Optional[Cond] = None,
+                 num_steps: Optional[int] = None, noise_fn: Optional[NoiseFn] = None) -> Tensor:
+        x, sigmas = self.prepare_sampling_loop(x, num_steps)
+        for i in self.steps(sigmas):
+            sigma, next_sigma = float(sigmas[i]), float(sigmas[i + 1])
+            denoised = self.denoise(x, denoise_fn, sigma, cond, uncond)
+            sigma_down, sigma_up = ancestral_step(sigma, next_sigma, self.eta)
+            if sigma_down == 0:
+                x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+            else:
+                h = math.log(sigma) - math.log(sigma_down)  # time t = -log(sigma)
+                sigma_mid = math.exp(-(-math.log(sigma) + 0.5 * h))
+                x_mid = (sigma_mid / sigma) * x - math.expm1(-0.5 * h) * denoised
+                denoised_mid = self.denoise(x_mid, denoise_fn, sigma_mid, cond, uncond)
+                x = (sigma_down / sigma) * x - math.expm1(-h) * denoised_mid
             if sigma_up > 0:
                 x = x + _noise(noise_fn, x) * (self.s_noise * sigma_up)
         return x
