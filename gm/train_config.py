@@ -33,11 +33,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gm.errors import ConfigError
 from gm.inference import SAMPLERS
+from gm.models.diffusion import base_model_section
 from gm.modules.lora import UNET_TARGET_GROUPS
 from gm.optim import LR_SCHEDULERS
 from gm.precision import PRECISIONS
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -261,16 +260,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*names, dest=s.flag, type=kind, default=None, help=help_text)
 
 
-def _resolve_path(path: str, relative_to: Path) -> Path:
-    candidate = Path(path)
-    if candidate.is_absolute():
-        return candidate
-    for root in (relative_to, REPO):
-        if (root / candidate).is_file():
-            return root / candidate
-    return REPO / candidate
-
-
 def load_training_config(path: str | os.PathLike, overrides: Optional[Mapping[str, Any]] = None) -> DictConfig:
     """YAML at ``path`` + ``overrides`` (flag name -> value; None = unset) -> the resolved config.
 
@@ -288,12 +277,7 @@ def load_training_config(path: str | os.PathLike, overrides: Optional[Mapping[st
                 OmegaConf.update(cfg, FLAG_KEYS[flag], value, merge=False)
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"--config {path}: {' '.join(str(err).split())}") from None
-    base = _resolve_path(cfg.base_config, path.parent)
-    if not base.is_file():
-        raise ConfigError(f"{path}: base_config {cfg.base_config} not found")
-    model = OmegaConf.load(base).model
-    if cfg.model is not None:
-        model = OmegaConf.merge(model, cfg.model)
+    model = base_model_section(cfg.base_config, cfg.model, path)
     if cfg.train.gradient_checkpointing:
         model = OmegaConf.merge(model, {"params": {"network_config": {"params": {"use_checkpoint": True}}}})
     cfg.model = model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from mindspore import Tensor, nn
@@ -70,13 +71,44 @@ class DiffusionEngine(nn.Cell):
         return self.denoiser(self.model, x, sigma, context, vector)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def resolve_config_path(path: str, relative_to: Path) -> Path:
+    """A path named inside a YAML file: absolute, or relative to that file's folder or to the repo."""
+    candidate = Path(path)
+    if candidate.is_absolute():
+        return candidate
+    for root in (relative_to, REPO):
+        if (root / candidate).is_file():
+            return root / candidate
+    return REPO / candidate
+
+
+def base_model_section(base_config: str, overrides: Optional[Mapping], yaml_path: Path) -> DictConfig:
+    """A training YAML's model: the ``model`` of its ``base_config`` (an inference YAML) with the
+    training YAML's own ``model:`` overrides merged on top."""
+    base = resolve_config_path(base_config, yaml_path.parent)
+    if not base.is_file():
+        raise ConfigError(f"{yaml_path}: base_config {base_config} not found")
+    model = OmegaConf.load(base).model
+    return OmegaConf.merge(model, overrides) if overrides is not None else model
+
+
 def load_config(config: str | os.PathLike | DictConfig) -> DictConfig:
-    """A YAML path or an already loaded config, with a clear error for a missing file."""
+    """A YAML path or an already loaded config, with a clear error for a missing file.
+
+    A training YAML (``base_config`` plus ``model:`` overrides, the reference's inference command
+    passes one) comes back as ``{"model": <its resolved model>}``, so every script that builds a
+    model from ``--config`` takes either kind."""
     if isinstance(config, DictConfig):
         return config
     if not os.path.isfile(config):
         raise ConfigError(f"config file {config} does not exist; see configs/ for the shipped ones")
-    return OmegaConf.load(config)
+    cfg = OmegaConf.load(config)
+    if "base_config" in cfg:
+        return OmegaConf.create({"model": base_model_section(cfg.base_config, cfg.get("model"), Path(config))})
+    return cfg
 
 
 def build_engine(config: str | os.PathLike | DictConfig, allocate: bool = True) -> DiffusionEngine:

@@ -25,8 +25,9 @@ def noise(tmp_path_factory):
     return latents, path
 
 
-def _run_cli(tiny_weights, weight, noise_path, out_dir, negative="", ms_mode=0, sampler="EulerEDMSampler"):
-    cmd = [sys.executable, "demo/sampling_without_streamlit.py", "--config", str(tiny_weights.config),
+def _run_cli(tiny_weights, weight, noise_path, out_dir, negative="", ms_mode=0, sampler="EulerEDMSampler",
+             config=None):
+    cmd = [sys.executable, "demo/sampling_without_streamlit.py", "--config", str(config or tiny_weights.config),
            "--weight", str(weight), "--prompt", PROMPT, "--negative_prompt", negative,
            "--width", str(SIZE), "--height", str(SIZE), "--sample_step", str(STEPS),
            "--guidance_scale", str(GUIDANCE), "--init_latent_path", str(noise_path),
@@ -92,6 +93,18 @@ def test_other_samplers_match_the_pipeline_with_their_scheduler(tiny_weights, no
     ours, meta = _run_cli(tiny_weights, tiny_weights.single_file, path, tmp_path / "out", sampler=sampler)
     assert meta["sampler"] == sampler
     _assert_same_image(ours, _reference(tiny_weights, latents, scheduler=scheduler))
+
+
+def test_a_training_yaml_works_as_the_config(tiny_weights, noise, tmp_path):
+    """The reference README samples with its training config (``base_config`` + ``model:``
+    overrides) and ``--task txt2img``: the model is its base config's, with the overrides."""
+    latents, path = noise
+    training_yaml = tmp_path / "dreambooth_lora.yaml"
+    # an override that leaves the loaded weights' model unchanged (it only affects random init)
+    training_yaml.write_text(f"base_config: {tiny_weights.config}\nmodel:\n  params:\n    network_config:\n"
+                             "      params:\n        zero_init_residual_outputs: False\nlora:\n  rank: 4\n")
+    ours, _ = _run_cli(tiny_weights, tiny_weights.single_file, path, tmp_path / "out", config=training_yaml)
+    _assert_same_image(ours, _reference(tiny_weights, latents))
 
 
 def test_graph_mode_and_pynative_give_the_same_image(tiny_weights, noise, tmp_path):
