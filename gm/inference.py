@@ -38,6 +38,8 @@ SAMPLERS = {
 DISCRETIZATIONS = {
     "LegacyDDPMDiscretization": f"{_DIFFUSION}.discretizer.LegacyDDPMDiscretization",
     "EDMDiscretization": f"{_DIFFUSION}.discretizer.EDMDiscretization",  # Karras sigmas
+    # diffusers' timesteps ("leading", offset 1: the official SDXL scheduler config)
+    "DiffusersDDPMDiscretization": f"{_DIFFUSION}.discretizer.DiffusersDDPMDiscretization",
 }
 LATENT_CHANNELS = 4
 VAE_DOWNSCALE = 8

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import HeunDiscreteScheduler, LMSDiscreteScheduler
+from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler
 from PIL import Image
 
 PROMPT = "a photo of sks dog on the beach"
@@ -26,12 +26,13 @@ def noise(tmp_path_factory):
 
 
 def _run_cli(tiny_weights, weight, noise_path, out_dir, negative="", ms_mode=0, sampler="EulerEDMSampler",
-             config=None):
+             config=None, discretization="LegacyDDPMDiscretization"):
     cmd = [sys.executable, "demo/sampling_without_streamlit.py", "--config", str(config or tiny_weights.config),
            "--weight", str(weight), "--prompt", PROMPT, "--negative_prompt", negative,
            "--width", str(SIZE), "--height", str(SIZE), "--sample_step", str(STEPS),
            "--guidance_scale", str(GUIDANCE), "--init_latent_path", str(noise_path),
-           "--save_path", str(out_dir), "--ms_mode", str(ms_mode), "--device_target", "CPU", "--sampler", sampler]
+           "--save_path", str(out_dir), "--ms_mode", str(ms_mode), "--device_target", "CPU", "--sampler", sampler,
+           "--discretization", discretization]
     result = subprocess.run(cmd, cwd=tiny_weights.config.parents[2], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     image = Image.open(out_dir / "000000.png")
@@ -48,9 +49,10 @@ def _reference(tiny_weights, latents, negative=None, scheduler=None):
             pipe.scheduler = original
     pipe.scheduler.set_timesteps(STEPS)
     sigma_max = float(pipe.scheduler.sigmas[0])
-    # the pipeline scales given latents by init_noise_sigma (= sigma_max for "trailing" spacing);
-    # SGM and we start from noise * sqrt(1 + sigma_max^2), so hand it the latents that give that start
-    start = torch.from_numpy(latents) * (math.sqrt(1 + sigma_max**2) / sigma_max)
+    # the pipeline scales given latents by init_noise_sigma (sigma_max for "trailing" spacing,
+    # sqrt(1 + sigma_max^2) for "leading"); SGM and we start from noise * sqrt(1 + sigma_max^2), so
+    # hand it the latents that give that start
+    start = torch.from_numpy(latents) * (math.sqrt(1 + sigma_max**2) / float(pipe.scheduler.init_noise_sigma))
     with torch.no_grad():
         out = pipe(PROMPT, negative_prompt=negative, height=SIZE, width=SIZE, num_inference_steps=STEPS,
                    guidance_scale=GUIDANCE, latents=start, output_type="np").images
@@ -84,13 +86,24 @@ def test_cli_matches_diffusers_with_negative_prompt_from_single_file(tiny_weight
     assert np.abs(reference.astype(int) - _reference(tiny_weights, latents).astype(int)).max() > 2
 
 
-@pytest.mark.parametrize("sampler,scheduler", [
-    ("HeunEDMSampler", HeunDiscreteScheduler),
-    ("LinearMultistepSampler", LMSDiscreteScheduler),
+class LeadingEuler(EulerDiscreteScheduler):
+    """The official SDXL base scheduler config: "leading" spacing, steps_offset 1."""
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        return super().from_config({**config, "timestep_spacing": "leading", "steps_offset": 1}, **kwargs)
+
+
+@pytest.mark.parametrize("sampler,discretization,scheduler", [
+    ("HeunEDMSampler", "LegacyDDPMDiscretization", HeunDiscreteScheduler),
+    ("LinearMultistepSampler", "LegacyDDPMDiscretization", LMSDiscreteScheduler),
+    ("EulerEDMSampler", "DiffusersDDPMDiscretization", LeadingEuler),
 ])
-def test_other_samplers_match_the_pipeline_with_their_scheduler(tiny_weights, noise, tmp_path, sampler, scheduler):
+def test_other_samplers_match_the_pipeline_with_their_scheduler(tiny_weights, noise, tmp_path, sampler,
+                                                                  discretization, scheduler):
     latents, path = noise
-    ours, meta = _run_cli(tiny_weights, tiny_weights.single_file, path, tmp_path / "out", sampler=sampler)
+    ours, meta = _run_cli(tiny_weights, tiny_weights.single_file, path, tmp_path / "out", sampler=sampler,
+                          discretization=discretization)
     assert meta["sampler"] == sampler
     _assert_same_image(ours, _reference(tiny_weights, latents, scheduler=scheduler))
 

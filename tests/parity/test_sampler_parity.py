@@ -236,3 +236,34 @@ def test_dpmpp_2s_ancestral_matches_k_diffusion_formulas(denoise_and_trace, eta)
     for i, ((ours, _), ref) in enumerate(zip(trace, inputs)):
         _assert_close(ours, ref, f"call {i}")
     _assert_close(final, ref_final, "final")
+
+
+LEADING = {"target": "gm.modules.diffusionmodules.discretizer.DiffusersDDPMDiscretization"}
+
+
+@pytest.mark.parametrize("steps", [5, 7])
+def test_diffusers_ddpm_discretization_matches_the_official_sdxl_scheduler(denoise_and_trace, steps):
+    """SDXL base ships EulerDiscreteScheduler with "leading" spacing and steps_offset 1."""
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    noise = np.random.default_rng(6).standard_normal(SHAPE).astype(np.float32)
+    final = EulerEDMSampler(discretization_config=LEADING, num_steps=steps)(denoise_fn, Tensor(noise), COND).asnumpy()
+    scheduler = EulerDiscreteScheduler(**{**SCHEDULE, "timestep_spacing": "leading", "steps_offset": 1})
+    states, ref_final = _reference_run(scheduler, noise, steps, lambda s, i: s)
+    assert len(trace) == len(states) == steps
+    for i, ((ours, sigma), ref) in enumerate(zip(trace, states)):
+        assert math.isclose(sigma, float(scheduler.sigmas[i]), rel_tol=1e-5), i
+        _assert_close(ours, ref, f"step {i}")
+    _assert_close(final, ref_final, "final")
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_diffusers_ddpm_timesteps_are_diffusers_timesteps(spacing):
+    from gm.modules.diffusionmodules.discretizer import DiffusersDDPMDiscretization
+
+    ours = DiffusersDDPMDiscretization(timestep_spacing=spacing)
+    for n in (1, 3, 7, 25, 40, 333):  # (n = 1000 "leading": diffusers feeds timestep 1000, past its table)
+        scheduler = EulerDiscreteScheduler(**{**SCHEDULE, "timestep_spacing": spacing, "steps_offset": 1})
+        scheduler.set_timesteps(n)
+        np.testing.assert_array_equal(ours.timesteps(n), scheduler.timesteps.numpy().astype(int), err_msg=f"n={n}")
+        np.testing.assert_allclose(ours(n), scheduler.sigmas.numpy(), rtol=1e-5, err_msg=f"n={n}")  # theirs float32

@@ -73,3 +73,32 @@ class EDMDiscretization(Discretization):
         min_inv_rho = self.sigma_min ** (1 / self.rho)
         max_inv_rho = self.sigma_max ** (1 / self.rho)
         return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** self.rho
+
+
+class DiffusersDDPMDiscretization(LegacyDDPMDiscretization):
+    """The training schedule at diffusers' timesteps: SDXL base's shipped scheduler config
+    (``timestep_spacing="leading"``, ``steps_offset=1``), so a sampler gives the image of
+    diffusers' default SDXL pipeline. "leading": ``k * (T // n) + steps_offset``; "trailing":
+    ``round(T - k * T / n) - 1``. Both are integer timesteps, so each sigma is a table entry and
+    the denoiser's nearest-timestep lookup returns exactly that timestep."""
+
+    def __init__(self, linear_start: float = 0.00085, linear_end: float = 0.0120, num_timesteps: int = 1000,
+                 timestep_spacing: str = "leading", steps_offset: int = 1):
+        super().__init__(linear_start, linear_end, num_timesteps)
+        if timestep_spacing not in ("leading", "trailing"):
+            raise ValueError(f"timestep_spacing {timestep_spacing!r}: expected 'leading' or 'trailing'")
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+
+    def timesteps(self, n: int) -> np.ndarray:
+        """``n`` integer timesteps, descending."""
+        if not 1 <= n <= self.num_timesteps:
+            raise ValueError(f"cannot take {n} steps from a {self.num_timesteps}-step schedule")
+        if self.timestep_spacing == "leading":
+            ascending = np.arange(n) * (self.num_timesteps // n) + self.steps_offset
+            return np.minimum(ascending, self.num_timesteps - 1)[::-1].copy()
+        return np.round(np.arange(self.num_timesteps, 0, -self.num_timesteps / n)).astype(int)[:n] - 1
+
+    def get_sigmas(self, n: int) -> np.ndarray:
+        alphas_cumprod = self.alphas_cumprod[self.timesteps(n)]
+        return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
