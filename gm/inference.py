@@ -34,12 +34,15 @@ SAMPLERS = {
     "DPMPP2SAncestralSampler": f"{_DIFFUSION}.sampling.DPMPP2SAncestralSampler",
     "DPMPP2MSampler": f"{_DIFFUSION}.sampling.DPMPP2MSampler",
     "LinearMultistepSampler": f"{_DIFFUSION}.sampling.LinearMultistepSampler",
+    "LCMSampler": f"{_DIFFUSION}.sampling.LCMSampler",
+    "AncestralSampler": f"{_DIFFUSION}.sampling.AncestralSampler",  # the reference's: plain Euler steps
 }
 DISCRETIZATIONS = {
     "LegacyDDPMDiscretization": f"{_DIFFUSION}.discretizer.LegacyDDPMDiscretization",
     "EDMDiscretization": f"{_DIFFUSION}.discretizer.EDMDiscretization",  # Karras sigmas
     # diffusers' timesteps ("leading", offset 1: the official SDXL scheduler config)
     "DiffusersDDPMDiscretization": f"{_DIFFUSION}.discretizer.DiffusersDDPMDiscretization",
+    "LCMDiscretization": f"{_DIFFUSION}.discretizer.LCMDiscretization",  # for LCMSampler
 }
 LATENT_CHANNELS = 4
 VAE_DOWNSCALE = 8

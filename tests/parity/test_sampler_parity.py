@@ -17,17 +17,20 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
 )
 from mindspore import Tensor, nn, ops
 
 from gm.modules.diffusionmodules.denoiser import DiscreteDenoiser
 from gm.modules.diffusionmodules.sampling import (
+    AncestralSampler,
     DPMPP2MSampler,
     DPMPP2SAncestralSampler,
     EulerAncestralSampler,
     EulerEDMSampler,
     HeunEDMSampler,
+    LCMSampler,
     LinearMultistepSampler,
 )
 
@@ -96,11 +99,12 @@ def _assert_close(ours, ref, what):
 
 
 @pytest.mark.parametrize("steps", [4, 10])
-def test_euler_matches_euler_discrete_trailing(denoise_and_trace, steps):
+@pytest.mark.parametrize("sampler_class", [EulerEDMSampler, AncestralSampler])  # the reference's takes Euler steps
+def test_euler_matches_euler_discrete_trailing(denoise_and_trace, steps, sampler_class):
     denoise_fn, trace = denoise_and_trace
     trace.clear()
     noise = np.random.default_rng(steps).standard_normal(SHAPE).astype(np.float32)
-    sampler = EulerEDMSampler(discretization_config=DDPM, num_steps=steps)
+    sampler = sampler_class(discretization_config=DDPM, num_steps=steps)
     final = sampler(denoise_fn, Tensor(noise), COND).asnumpy()
     scheduler = EulerDiscreteScheduler(**SCHEDULE)
     states, ref_final = _reference_run(scheduler, noise, steps, lambda s, i: s)
@@ -267,3 +271,37 @@ def test_diffusers_ddpm_timesteps_are_diffusers_timesteps(spacing):
         scheduler.set_timesteps(n)
         np.testing.assert_array_equal(ours.timesteps(n), scheduler.timesteps.numpy().astype(int), err_msg=f"n={n}")
         np.testing.assert_allclose(ours(n), scheduler.sigmas.numpy(), rtol=1e-5, err_msg=f"n={n}")  # theirs float32
+
+
+
+@pytest.mark.parametrize("steps", [1, 4, 6])
+def test_lcm_matches_lcm_scheduler(denoise_and_trace, monkeypatch, steps):
+    """diffusers' LCMScheduler works on variance-preserving samples and adds its boundary condition
+    (c_skip <= 3e-4 at timestep 19, the smallest it uses), within the tolerance."""
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    noise = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
+    step_noises = [np.random.default_rng(300 + i).standard_normal(SHAPE).astype(np.float32) for i in range(steps)]
+    draws = iter(step_noises)
+    sampler = LCMSampler(discretization_config={"target": "gm.modules.diffusionmodules.discretizer.LCMDiscretization"},
+                         num_steps=steps)
+    final = sampler(denoise_fn, Tensor(noise), COND, noise_fn=lambda shape: Tensor(next(draws))).asnumpy()
+
+    import diffusers.schedulers.scheduling_lcm as module
+
+    ref_draws = iter(step_noises)
+    monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(next(ref_draws)))
+    scheduler = LCMScheduler(**{**SCHEDULE, "timestep_spacing": "leading"})
+    scheduler.set_timesteps(steps)
+    abar = scheduler.alphas_cumprod.numpy().astype(np.float64)
+    timesteps = scheduler.timesteps.numpy().astype(int)
+    x = torch.from_numpy(noise)  # init_noise_sigma 1: the variance-preserving start
+    states = []
+    for t in scheduler.timesteps:
+        states.append(x.numpy() / math.sqrt(abar[int(t)]))  # to the variance-exploding form
+        x, denoised = scheduler.step(eps_numpy_like(x, t.float(), torch), t, x, return_dict=False)
+    assert len(trace) == len(states) == steps
+    for i, ((ours, sigma), ref) in enumerate(zip(trace, states)):
+        assert math.isclose(sigma, math.sqrt((1 - abar[timesteps[i]]) / abar[timesteps[i]]), rel_tol=1e-5), i
+        _assert_close(ours, ref, f"step {i}")
+    _assert_close(final, denoised.numpy(), "final")

@@ -102,3 +102,26 @@ class DiffusersDDPMDiscretization(LegacyDDPMDiscretization):
     def get_sigmas(self, n: int) -> np.ndarray:
         alphas_cumprod = self.alphas_cumprod[self.timesteps(n)]
         return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+class LCMDiscretization(LegacyDDPMDiscretization):
+    """Latent-consistency-model timesteps (diffusers' ``LCMScheduler``): ``n`` of the
+    ``original_steps`` timesteps ``k * T / original_steps - 1`` the consistency model was distilled
+    on, picked at ``floor(linspace(0, original_steps, n))`` from the top (n = 4 of 50: 999, 759,
+    499, 259)."""
+
+    def __init__(self, linear_start: float = 0.00085, linear_end: float = 0.0120, num_timesteps: int = 1000,
+                 original_steps: int = 50):
+        super().__init__(linear_start, linear_end, num_timesteps)
+        self.original_steps = original_steps
+
+    def timesteps(self, n: int) -> np.ndarray:
+        """``n`` integer timesteps, descending."""
+        if not 1 <= n <= self.original_steps:
+            raise ValueError(f"LCM takes 1 to {self.original_steps} steps, not {n}")
+        origin = (np.arange(1, self.original_steps + 1) * (self.num_timesteps // self.original_steps) - 1)[::-1]
+        return origin[np.floor(np.linspace(0, len(origin), n, endpoint=False)).astype(int)].copy()
+
+    def get_sigmas(self, n: int) -> np.ndarray:
+        alphas_cumprod = self.alphas_cumprod[self.timesteps(n)]
+        return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)

@@ -148,6 +148,28 @@ class LinearMultistepSampler(BaseDiffusionSampler):
         return x
 
 
+class AncestralSampler(EulerEDMSampler):
+    """The reference's (mindone's) ``AncestralSampler`` used on its own: the base of its ancestral
+    samplers, whose step is a plain Euler step to the next sigma (no fresh noise), so it samples as
+    ``EulerEDMSampler`` does; served for configs and commands that name it."""
+
+
+class LCMSampler(BaseDiffusionSampler):
+    """Latent consistency models (Luo et al. 2023): each step jumps to the denoised estimate and,
+    except at the end, re-noises it to the next sigma with fresh noise. Pair it with
+    ``LCMDiscretization`` (the distillation's timesteps), 2-8 steps, guidance <= 1."""
+
+    def __call__(self, denoise_fn: DenoiseFn, x: Tensor, cond: Cond, uncond: Optional[Cond] = None,
+                 num_steps: Optional[int] = None, noise_fn: Optional[NoiseFn] = None) -> Tensor:
+        x, sigmas = self.prepare_sampling_loop(x, num_steps)
+        for i in self.steps(sigmas):
+            sigma, next_sigma = float(sigmas[i]), float(sigmas[i + 1])
+            x = self.denoise(x, denoise_fn, sigma, cond, uncond)
+            if next_sigma > 0:
+                x = x + _noise(noise_fn, x) * next_sigma
+        return x
+
+
 def ancestral_step(sigma: float, next_sigma: float, eta: float = 1.0) -> Tuple[float, float]:
     """(sigma_down, sigma_up): deterministic part and fresh-noise part of a step to ``next_sigma``."""
     if eta == 0 or next_sigma == 0:
