@@ -148,7 +148,8 @@ def sampling_options(cfg, prompt_seed: int):
     from gm.inference import SamplingOptions
 
     s = cfg.sampling
-    return SamplingOptions(sampler=s.sampler, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+    return SamplingOptions(sampler=s.sampler, discretization=s.discretization, num_steps=s.num_steps,
+                           guidance_scale=s.guidance_scale,
                            negative_prompt=s.negative_prompt, height=cfg.data.resolution,
                            width=cfg.data.resolution, seed=prompt_seed)
 

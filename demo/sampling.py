@@ -77,7 +77,9 @@ def main() -> None:
         lora = st.text_area("LoRAs (optional; one per line, FILE or FILE:SCALE, any format)", args.lora, key="lora")
         sampler_name = st.selectbox("Sampler", sorted(SAMPLERS), index=sorted(SAMPLERS).index("EulerEDMSampler"),
                                     key="sampler")
-        discretization = st.selectbox("Discretization", sorted(DISCRETIZATIONS), key="discretization")
+        discretization = st.selectbox("Discretization", sorted(DISCRETIZATIONS),
+                                      index=sorted(DISCRETIZATIONS).index("LegacyDDPMDiscretization"),
+                                      key="discretization")
         steps = st.number_input("Steps", min_value=1, max_value=1000, value=40, key="steps")
         guidance = st.number_input("Guidance scale", min_value=0.0, max_value=30.0, value=5.0, key="guidance")
         seed = st.number_input("Seed", min_value=0, value=42, key="seed")

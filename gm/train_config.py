@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gm.errors import ConfigError
-from gm.inference import SAMPLERS
+from gm.inference import DISCRETIZATIONS, SAMPLERS
 from gm.models.diffusion import base_model_section
 from gm.modules.lora import UNET_TARGET_GROUPS
 from gm.optim import LR_SCHEDULERS
@@ -169,6 +169,7 @@ class SamplingSection:
     """Class-image generation and validation images (the shared sampler)."""
 
     sampler: str = setting("EulerEDMSampler", check=one_of(sorted(SAMPLERS)))
+    discretization: str = setting("LegacyDDPMDiscretization", check=one_of(sorted(DISCRETIZATIONS)))
     num_steps: int = setting(40, flag="sample_steps", help="sampler steps for class/validation images",
                              check=_POSITIVE)
     guidance_scale: float = setting(5.0, flag="guidance_scale", check=at_least(0))
