@@ -1,5 +1,7 @@
 """Training configuration: YAML + flags, schema checks, errors that name the flag or key."""
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -7,6 +9,8 @@ from gm.errors import ConfigError
 from gm.train_config import load_training_config
 
 TINY = "configs/training/sd_xl_tiny_dreambooth_lora.yaml"
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_flags_override_yaml_and_model_comes_from_base_config(tmp_path):
@@ -17,6 +21,14 @@ def test_flags_override_yaml_and_model_comes_from_base_config(tmp_path):
     assert unet.model_channels == 32 and unet.zero_init_residual_outputs is False
     full = load_training_config("configs/training/sd_xl_base_finetune_dreambooth_lora_910b.yaml")
     assert full.model.params.network_config.params.transformer_depth == [1, 2, 10]
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in REPO.glob("configs/training/*.yaml")))
+def test_every_shipped_training_config_loads_and_names_a_model(path):
+    cfg = load_training_config(path)
+    assert cfg.model.target == "gm.models.diffusion.DiffusionEngine"
+    if "textencoder" in path:  # the reference's name for UNet + text-encoder LoRA
+        assert cfg.lora.train_text_encoder is True
 
 
 def test_unknown_keys_and_wrong_types_are_rejected(tmp_path):
