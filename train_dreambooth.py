@@ -92,6 +92,9 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
     if args.device_target == "CPU" and cfg.train.mixed_precision != "fp32":
         raise ConfigError(f"--mixed_precision {cfg.train.mixed_precision}: the CPU target trains in fp32 only "
                           "(fp16/bf16 are for --device_target Ascend or GPU)")
+    if args.device_target == "CPU" and cfg.train.prior_generation_precision not in (None, "fp32"):
+        raise ConfigError(f"--prior_generation_precision {cfg.train.prior_generation_precision}: the CPU target "
+                          "samples in fp32 only (fp16/bf16 are for --device_target Ascend or GPU)")
     if args.device_target not in ("CPU", "GPU", "Ascend"):
         raise ConfigError(f"--device_target {args.device_target}: expected CPU, GPU or Ascend")
     if not args.instance_data_path:
@@ -223,6 +226,9 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
         _logger.warning("no --weight given: training on a randomly initialised base (fine for the tiny default)")
     sampler = Sampler(engine)
     if with_prior:
+        # as diffusers: class images in the training precision unless --prior_generation_precision says otherwise
+        apply_mixed_precision(engine, cfg.train.prior_generation_precision or cfg.train.mixed_precision,
+                              "--prior_generation_precision")
         made = generate_class_images(sampler, args.class_data_path, args.class_prompt, cfg.train.num_class_images,
                                      cfg.train.sample_batch_size, sampling_options(cfg, cfg.train.seed),
                                      parallel.rank, parallel.world_size, barrier=lambda: barrier(parallel))

@@ -46,6 +46,7 @@ from gm.inference import (  # noqa: E402
     set_mode,
 )
 from gm.models.diffusion import build_engine  # noqa: E402
+from gm.precision import PRECISIONS, apply_mixed_precision  # noqa: E402
 
 _logger = logging.getLogger("gm.sampling")
 
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--discretization", default="LegacyDDPMDiscretization", choices=sorted(DISCRETIZATIONS),
                    help="EDMDiscretization gives Karras sigmas")
     p.add_argument("--sample_step", type=int, default=40)
+    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+                   help="UNet and text encoders compute in this precision (fp16/bf16: Ascend/GPU); the VAE in fp32")
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num_cols", type=int, default=1, help="images per prompt = num_cols x num_rows")
@@ -123,6 +126,9 @@ def options_from_args(args: argparse.Namespace) -> SamplingOptions:
         orig_width=args.orig_width, crop_top=args.crop_coords_top, crop_left=args.crop_coords_left,
         seed=args.seed, strength=args.strength if args.task == "img2img" else 1.0)
     options.validate()
+    if args.precision != "fp32" and args.device_target == "CPU":
+        raise ConfigError(f"--precision {args.precision} needs --device_target Ascend or GPU; on CPU sample with "
+                          "--precision fp32")
     if args.num_cols < 1 or args.num_rows < 1:
         raise ConfigError("--num_cols and --num_rows must be at least 1")
     return options
@@ -197,6 +203,7 @@ def main(argv=None) -> None:
         load_base_with_loras(engine, base, loras)
     else:
         _logger.warning("no --weight given: sampling with randomly initialised weights")
+    apply_mixed_precision(engine, args.precision, "--precision")  # after the merge: the weights stay fp32
     sampler = Sampler(engine)
     save_path = Path(args.save_path)
     first = next_image_index(save_path)  # continue after images already there: a run never replaces one

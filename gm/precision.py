@@ -32,24 +32,24 @@ def _compute_in(cell: nn.Cell, dtype) -> None:
             sub.to_float(ms.float32)
 
 
-def apply_mixed_precision(engine: nn.Cell, precision: str) -> None:
-    """Make the UNet and the text encoders of ``engine`` compute in ``precision`` (fp32: no change).
+def apply_mixed_precision(engine: nn.Cell, precision: str, flag: str = "--mixed_precision") -> None:
+    """Make the UNet and the text encoders of ``engine`` (LoRA cells included) compute in
+    ``precision``; calling it again switches (class images in one precision, training in another).
 
-    Call before building the loss and train-step cells. Raises ConfigError for an unknown
-    precision or for fp16/bf16 on the CPU target.
+    Raises ConfigError, naming ``flag``, for an unknown precision or fp16/bf16 on the CPU target.
     """
     if precision not in PRECISIONS:
-        raise ConfigError(f"--mixed_precision {precision}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+        raise ConfigError(f"{flag} {precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision == getattr(engine, "compute_precision", "fp32") == "fp32":
         return
     target = ms.get_context("device_target")
-    if target == "CPU":
-        raise ConfigError(f"--mixed_precision {precision} needs --device_target Ascend or GPU; on CPU train with "
-                          "--mixed_precision fp32")
+    if target == "CPU" and precision != "fp32":
+        raise ConfigError(f"{flag} {precision} needs --device_target Ascend or GPU; on CPU use {flag} fp32")
     dtype = PRECISIONS[precision]
     _compute_in(engine.model.diffusion_model, dtype)
     for embedder in engine.conditioner.embedders:
         # only the text encoders: the size embedders' sinusoids of values up to ~2048 need float32
         if any(True for _ in embedder.get_parameters()):
             _compute_in(embedder, dtype)
-    _logger.info("mixed precision: UNet and text encoders compute in %s on %s, VAE in float32", precision, target)
+    engine.compute_precision = precision
+    _logger.info("UNet and text encoders compute in %s on %s, VAE in float32", precision, target)

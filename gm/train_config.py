@@ -137,6 +137,9 @@ class TrainSection:
     noise_offset: float = setting(0.0, flag="noise_offset", check=at_least(0))
     mixed_precision: str = setting("fp32", flag="mixed_precision", help="fp32; fp16/bf16 on Ascend/GPU",
                                    check=one_of(PRECISIONS))
+    prior_generation_precision: Optional[str] = setting(
+        None, flag="prior_generation_precision", check=one_of(PRECISIONS),
+        help="precision of class-image sampling (default: --mixed_precision; fp16/bf16 on Ascend/GPU)")
     loss_scale: str = setting("dynamic", check=one_of(("dynamic", "static")))  # fp16 only
     seed: int = setting(0, flag="seed", check=at_least(0))
     save_ckpt_interval: int = setting(500, flag="save_ckpt_interval", help="optimizer steps", check=_POSITIVE,
