@@ -26,6 +26,7 @@ from mindspore import nn
 from gm.checkpoint.ckpt_io import read_ckpt_file
 from gm.checkpoint.errors import CheckpointError, summarize_keys
 from gm.checkpoint.keymap import KeyRule, apply_rules, check_rules, iter_rules, rename, rule_shapes
+from gm.checkpoint.reference_names import to_official_names, uses_reference_names
 from gm.checkpoint.safetensors_io import MergedSource, SafetensorsFile
 
 _logger = logging.getLogger(__name__)
@@ -279,7 +280,8 @@ def weight_arrays(engine: nn.Cell, path: str | os.PathLike) -> Iterator[Tuple[st
 
     ``path``: the official single file (``sd_xl_base_1.0.safetensors``), a diffusers folder
     (``unet/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``) or a ``.ckpt`` from
-    ``tools/convert_weights.py``. Every component is checked before the first array is yielded.
+    ``tools/convert_weights.py`` or from the reference's converter (``sd_xl_base_1.0_ms.ckpt``).
+    Every component is checked before the first array is yielded.
     """
     path = Path(path)
     if path.is_dir():
@@ -291,6 +293,9 @@ def weight_arrays(engine: nn.Cell, path: str | os.PathLike) -> Iterator[Tuple[st
         raise CheckpointError(f"{path}: no such file or folder")
     else:
         source = read_weight_file(path)
+        if path.suffix == ".ckpt" and uses_reference_names(source):
+            # the reference's converter (mindone ``*_ms.ckpt``): MindSpore's norm/embedding names
+            source = to_official_names(engine, source)
         if isinstance(source, dict):
             source = _NamedSource(source, path)
         prefixes = tuple(c.prefix for c in COMPONENTS.values())

@@ -1,5 +1,6 @@
 """Whole-model weight loading through every route, the converter, and errors for bad files."""
 
+import re
 import subprocess
 import sys
 
@@ -68,6 +69,73 @@ def test_convert_to_ckpt_and_back(tiny_weights, single_file_state, tmp_path):
         assert round_trip.shape(name) == original.shape(name), name
         np.testing.assert_array_equal(round_trip[name], original[name], err_msg=name)
     assert round_trip.shape(scale) == ()
+
+
+# The reference's naming rules (mindone's converter: its torch_key_base.yaml -> mindspore_key_base.yaml
+# pairs, 2,514 lines), restated here independently of gm.checkpoint.reference_names: norms'
+# weight/bias -> gamma/beta, embedding tables -> embedding_table; and the defect of its key list,
+# CLIP-L's token embedding written under a bigG-like name with a double dot.
+_NORM = r"(?:norm|norm[123]|norm_out|layer_norm[12]|final_layer_norm|ln_[12]|ln_final|in_layers\.0|out_layers\.0)"
+REFERENCE_RULES = [
+    (r"^conditioner\.embedders\.0\.transformer\.text_model\.embeddings\.token_embedding\.weight$",
+     "conditioner.embedders.1.model.token_embedding..embedding_table"),
+    (r"^(.*\.(?:token_embedding|position_embedding))\.weight$", r"\1.embedding_table"),
+    (rf"^(.*\.{_NORM}|model\.diffusion_model\.out\.0)\.weight$", r"\1.gamma"),
+    (rf"^(.*\.{_NORM}|model\.diffusion_model\.out\.0)\.bias$", r"\1.beta"),
+]
+
+
+def _reference_name(official):
+    for pattern, replacement in REFERENCE_RULES:
+        renamed, hits = re.subn(pattern, replacement, official)
+        if hits:
+            return renamed
+    return official
+
+
+def test_the_reference_converters_ckpt_loads_the_same_weights(engine, tiny_weights, single_file_state, tmp_path):
+    """A tiny sd_xl_base_1.0_ms.ckpt as the reference's converter writes it (ms.save_checkpoint of
+    float32 tensors under its names) loads into exactly the single file's weights."""
+    import mindspore as ms
+
+    source = SafetensorsFile(tiny_weights.single_file)
+    entries = [{"name": _reference_name(k), "data": ms.Tensor(np.asarray(source[k], np.float32))} for k in source]
+    renamed = sum(e["name"] != k for e, k in zip(entries, source))
+    assert renamed > 100 and any(".." in e["name"] for e in entries)
+    ckpt = tmp_path / "sd_xl_tiny_ms.ckpt"
+    ms.save_checkpoint(entries, str(ckpt))
+    load_weights(engine, ckpt)
+    state = engine_state(engine)
+    assert state.keys() == single_file_state.keys()
+    for name, value in state.items():
+        np.testing.assert_array_equal(value, single_file_state[name], err_msg=name)
+
+
+def test_convert_to_the_reference_names_and_back(tiny_weights, tmp_path):
+    ckpt = tmp_path / "tiny_ms.ckpt"
+    cwd = tiny_weights.config.parents[2]
+    result = _run_tool(["--input", str(tiny_weights.single_file), "--output", str(ckpt), "--names", "reference",
+                        "--config", str(tiny_weights.config)], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from gm.checkpoint.load import read_ckpt
+
+    original = SafetensorsFile(tiny_weights.single_file)
+    written = read_ckpt(ckpt)
+    # the reference's names, with CLIP-L's token embedding under its proper name rather than the defect
+    expected = {_reference_name(k) for k in original}
+    expected.remove("conditioner.embedders.1.model.token_embedding..embedding_table")
+    expected.add("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.embedding_table")
+    assert set(written) == expected
+    back = tmp_path / "back.safetensors"
+    result = _run_tool(["--input", str(ckpt), "--output", str(back), "--config", str(tiny_weights.config)], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    round_trip = SafetensorsFile(back)
+    assert set(round_trip) == set(original)
+    for name in original:
+        np.testing.assert_array_equal(round_trip[name], original[name], err_msg=name)
+    refused = _run_tool(["--input", str(tiny_weights.single_file), "--output", str(tmp_path / "x.safetensors"),
+                         "--names", "reference", "--config", str(tiny_weights.config)], cwd=cwd)
+    assert refused.returncode == 2 and "--names reference writes a MindSpore .ckpt" in refused.stderr
 
 
 def test_fp16_and_bf16_files_load(engine, tiny_weights, single_file_state, tmp_path):

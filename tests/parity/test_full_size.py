@@ -90,3 +90,25 @@ def test_full_size_engine_names_are_official(engine):
     ]:
         assert key in names, key
     assert len(names) == 1680 + 248 + 196 + 390
+
+
+# sha256 of the sorted "name:shape" lines of the reference's (mindone) key list for SDXL base
+# (examples/stable_diffusion_xl/tools/model_conversion/mindspore_key_base.yaml, 2,514 lines, read
+# 2026-12-01), the list its converter writes sd_xl_base_1.0_ms.ckpt under
+REFERENCE_KEY_LIST_SHA256 = "83d19908dbce5a7b032a7993e554c4839420c91a0553f66cd096a10fe3837640"
+
+
+def test_full_size_reference_names_are_the_reference_key_list(engine):
+    """Our derived map of the reference's MindSpore names, applied to the full-size model, gives its
+    published key list exactly (names and shapes), 1:1 -- with the list's one defect (CLIP-L's
+    token embedding under a double-dotted bigG-like name) in place of the proper name."""
+    import hashlib
+
+    from gm.checkpoint.reference_names import _MISNAMED_CLIP_L_TOKENS, reference_names
+
+    names = reference_names(engine)
+    assert len(set(names.values())) == len(names) == 2514
+    shapes = {name: tuple(p.shape) for name, p in engine.parameters_and_names()}
+    proper = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.embedding_table"
+    lines = sorted(f"{_MISNAMED_CLIP_L_TOKENS if names[k] == proper else names[k]}:{shapes[k]}" for k in names)
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == REFERENCE_KEY_LIST_SHA256
