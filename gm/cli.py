@@ -26,6 +26,9 @@ def run_cli(main: Callable[[], None]) -> None:
     """
     try:
         main()
+        from gm.parallel import exit_after_mpirun_job
+
+        exit_after_mpirun_job()
     except UserError as err:
         if os.environ.get("GM_DEBUG"):
             raise

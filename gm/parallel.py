@@ -163,6 +163,18 @@ def _wait_for_scheduler(host: str, port: int, scheduler: Optional[subprocess.Pop
         time.sleep(0.05)
 
 
+def exit_after_mpirun_job(code: int = 0) -> None:
+    """Under mpirun, end the process now that its work is written: MindSpore's interpreter-exit
+    teardown of the cluster objects sometimes segfaults (seen twice in 2026-12-01's runs, rank 1,
+    after every file was written; mpirun then reports the job failed). Elsewhere: nothing."""
+    if launcher() != "mpirun":
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def init_parallel(is_parallel: bool, device_target: str = "CPU") -> ParallelContext:
     """Initialise collective communication and data-parallel mode (gradient mean) when asked.
 

@@ -11,7 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mindspore as ms  # noqa: E402
 
-from gm.parallel import ParallelError, check_ranks_agree, gather_rows, init_parallel  # noqa: E402
+from gm.parallel import (  # noqa: E402
+    ParallelError,
+    check_ranks_agree,
+    exit_after_mpirun_job,
+    gather_rows,
+    init_parallel,
+)
 
 ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
 context = init_parallel(True, "CPU")
@@ -26,3 +32,4 @@ except ParallelError as err:
 result = {"rank": context.rank, "world_size": context.world_size, "rows": rows.tolist(), "same": same,
           "error": error, "seconds_to_start": started}
 (Path(sys.argv[1]) / f"rank{context.rank}.json").write_text(json.dumps(result))
+exit_after_mpirun_job()
