@@ -83,9 +83,14 @@ class EulerEDMSampler(BaseDiffusionSampler):
             sigma_hat = sigma * (gamma + 1.0)
             if gamma > 0:
                 x = x + _noise(noise_fn, x) * self.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
-            denoised = self.denoise(x, denoise_fn, sigma_hat, cond, uncond)
-            x = x + to_d(x, sigma_hat, denoised) * (next_sigma - sigma_hat)
+            d = to_d(x, sigma_hat, self.denoise(x, denoise_fn, sigma_hat, cond, uncond))
+            x = self.step_from(x, d, sigma_hat, next_sigma, denoise_fn, cond, uncond)
         return x
+
+    def step_from(self, x: Tensor, d: Tensor, sigma_hat: float, next_sigma: float, denoise_fn: DenoiseFn,
+                  cond: Cond, uncond: Optional[Cond]) -> Tensor:
+        """The step from ``sigma_hat`` (slope ``d``) to ``next_sigma``: Euler."""
+        return x + d * (next_sigma - sigma_hat)
 
 
 class HeunEDMSampler(EulerEDMSampler):
@@ -93,24 +98,12 @@ class HeunEDMSampler(EulerEDMSampler):
     an Euler step, then the average of the slopes at both ends; the last step, to sigma 0, stays
     Euler (the slope there is undefined). Two network calls per step but the last."""
 
-    def __call__(self, denoise_fn: DenoiseFn, x: Tensor, cond: Cond, uncond: Optional[Cond] = None,
-                 num_steps: Optional[int] = None, noise_fn: Optional[NoiseFn] = None) -> Tensor:
-        x, sigmas = self.prepare_sampling_loop(x, num_steps)
-        n = len(sigmas) - 1
-        for i in self.steps(sigmas):
-            sigma, next_sigma = float(sigmas[i]), float(sigmas[i + 1])
-            gamma = min(self.s_churn / n, 2**0.5 - 1) if self.s_tmin <= sigma <= self.s_tmax else 0.0
-            sigma_hat = sigma * (gamma + 1.0)
-            if gamma > 0:
-                x = x + _noise(noise_fn, x) * self.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
-            d = to_d(x, sigma_hat, self.denoise(x, denoise_fn, sigma_hat, cond, uncond))
-            euler = x + d * (next_sigma - sigma_hat)
-            if next_sigma == 0:
-                x = euler
-            else:
-                d_next = to_d(euler, next_sigma, self.denoise(euler, denoise_fn, next_sigma, cond, uncond))
-                x = x + (d + d_next) * (0.5 * (next_sigma - sigma_hat))
-        return x
+    def step_from(self, x, d, sigma_hat, next_sigma, denoise_fn, cond, uncond):
+        euler = x + d * (next_sigma - sigma_hat)
+        if next_sigma == 0:
+            return euler
+        d_next = to_d(euler, next_sigma, self.denoise(euler, denoise_fn, next_sigma, cond, uncond))
+        return x + (d + d_next) * (0.5 * (next_sigma - sigma_hat))
 
 
 def linear_multistep_coefficient(sigmas: np.ndarray, i: int, j: int, order: int) -> float:
