@@ -3,18 +3,20 @@
 - ``msrun --worker_num=N --local_worker_num=N train_dreambooth.py ... --is_parallel True``: msrun
   starts a scheduler (the same script with ``MS_ROLE=MS_SCHED``; its ``init()`` serves the cluster
   and ends the process) and sets MindSpore's dynamic-cluster variables for each worker.
-- ``mpirun -n N python train_dreambooth.py ... --is_parallel True``: OpenMPI only says who is who
-  (``OMPI_COMM_WORLD_RANK``/``SIZE``). A plain ``init()`` then fails on the CPU target (MindSpore
-  2.10, measured), so each process sets the same dynamic-cluster variables msrun would
-  (``MS_ROLE``, ``MS_WORKER_NUM``, ``MS_NODE_ID``, ``MS_SCHED_HOST``, ``MS_SCHED_PORT``) and rank 0
-  starts the one scheduler process. Every rank waits until the scheduler's port accepts
-  connections before ``init()``: a worker that finds no scheduler backs off for a minute or more
-  (measured on CPU: 74 s to start 2 ranks without the wait, 4-6 s with it, imports included).
-  Rank 0 first checks that the port is free (something else listening there would swallow the
-  workers).
+- ``mpirun -n N python train_dreambooth.py ... --is_parallel True``: MPI only says who is who. Each
+  process asks MPI through ``mpi4py`` (rank, size, ranks on its machine), so any MPI works
+  (OpenMPI, MPICH, Intel MPI; OpenMPI is the tested one), rank 0 picks a free scheduler port and
+  broadcasts it; MindSpore's own collectives carry the job (MPI idles until a final barrier). A plain
+  ``init()`` fails on the CPU target under mpirun (MindSpore 2.10, measured), so each process sets
+  the same dynamic-cluster variables msrun would (``MS_ROLE``, ``MS_WORKER_NUM``, ``MS_NODE_ID``,
+  ``MS_SCHED_HOST``, ``MS_SCHED_PORT``) and rank 0 starts the one scheduler process. Every rank
+  waits until the scheduler's port accepts connections before ``init()``: a worker that finds no
+  scheduler backs off for a minute or more (measured on CPU: 74 s to start 2 ranks without the
+  wait, 4-6 s with it, imports included). Rank 0 first checks that the port is free (something
+  else listening there would swallow the workers).
 
 Multi-machine mpirun: pass the address of rank 0's machine, ``mpirun -x MS_SCHED_HOST=10.0.0.1``
-(and optionally ``-x MS_SCHED_PORT=P``; the default port is derived from the mpirun job id).
+(and optionally ``-x MS_SCHED_PORT=P``; by default rank 0 picks a free port).
 
 Timeouts (defaults set here unless the environment already has them): a rank that waits in a
 collective while rank 0 alone samples validation images or generates its larger share of class
@@ -28,6 +30,7 @@ the scheduler's heartbeat check ends the survivors after about the same time.
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import logging
 import os
@@ -87,42 +90,80 @@ class ParallelContext:
         return self.rank == 0
 
 
+# Set by the MPI launchers in every process they start: OpenMPI (``OMPI_COMM_WORLD_*``; PMIx in
+# 4.x and 5.x), MPICH's and Intel MPI's Hydra (``PMI_*``), Slurm's ``srun --mpi=pmix``.
+_MPI_LAUNCH_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK")
+# Kept from the scheduler's environment: it is MindSpore's, not one of MPI's processes.
+_MPI_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "MPI_LOCAL")
+
+
 def launcher() -> str:
-    """``"msrun"`` (MindSpore's dynamic-cluster variables are set), ``"mpirun"`` (OpenMPI's) or ``""``."""
+    """``"mpirun"`` (an MPI launcher's variables are set), ``"msrun"`` (MindSpore's) or ``""``.
+
+    MPI's come first: under mpirun this module sets MindSpore's variables too."""
+    if any(key in os.environ for key in _MPI_LAUNCH_VARIABLES):
+        return "mpirun"
     if "MS_ROLE" in os.environ:
         return "msrun"
-    if "OMPI_COMM_WORLD_SIZE" in os.environ:
-        return "mpirun"
     return ""
 
 
+@dataclass(frozen=True)
+class _MpiWorld:
+    rank: int
+    size: int
+    local_size: int  # ranks on this machine
+    scheduler_port: int  # rank 0's pick, the same on every rank
+
+
+@functools.cache
+def _mpi_world() -> _MpiWorld:
+    """Rank, size and a scheduler port from MPI itself (``mpi4py``)."""
+    try:
+        import mpi4py
+
+        # A rank that stops on an error must not wait in MPI_Finalize (a collective) for ranks
+        # still busy: without it mpirun sees the exit and ends the job. Success finalises in
+        # exit_after_mpirun_job.
+        mpi4py.rc.finalize = False
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError) as err:
+        raise ConfigError(f"started by an MPI launcher, but mpi4py cannot load an MPI library ({err}): install "
+                          "mpi4py built against the MPI that runs mpirun (pip install --no-binary mpi4py mpi4py), "
+                          "or launch with msrun") from err
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    machine = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_size = machine.Get_size()
+    machine.Free()
+    port = 0
+    if rank == 0 and "MS_SCHED_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    # MPI stays initialised (idle) until exit_after_mpirun_job's barrier
+    return _MpiWorld(rank, size, local_size, port)
+
+
 def _launched_world_size() -> int:
-    for key in ("MS_WORKER_NUM", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 1
-
-
-def _job_port() -> int:
-    # every rank of one mpirun job derives the same port; concurrent jobs get different ones
-    job = os.environ.get("OMPI_MCA_ess_base_jobid") or os.environ.get("OMPI_MCA_orte_hnp_uri", "")
-    return 20000 + int(hashlib.sha1(job.encode()).hexdigest(), 16) % 20000
+    if launcher() == "mpirun":
+        return _mpi_world().size
+    return int(os.environ["MS_WORKER_NUM"]) if os.environ.get("MS_WORKER_NUM", "").isdigit() else 1
 
 
 def _setup_mpirun_cluster() -> None:
-    """OpenMPI's rank/size -> MindSpore's dynamic-cluster variables; rank 0 starts the scheduler."""
-    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
-    size = int(os.environ["OMPI_COMM_WORLD_SIZE"])
-    local_size = int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", size))
+    """MPI's rank/size -> MindSpore's dynamic-cluster variables; rank 0 starts the scheduler."""
+    world = _mpi_world()
     if "MS_SCHED_HOST" not in os.environ:
-        if local_size != size:
+        if world.local_size != world.size:
             raise ConfigError("mpirun over several machines: pass the address of rank 0's machine to every rank, "
                               "e.g. mpirun -x MS_SCHED_HOST=10.0.0.1 ... (rank 0 runs MindSpore's scheduler there)")
         os.environ["MS_SCHED_HOST"] = "127.0.0.1"
-    os.environ.setdefault("MS_SCHED_PORT", str(_job_port()))
-    os.environ.update(MS_ROLE="MS_WORKER", MS_WORKER_NUM=str(size), MS_NODE_ID=str(rank))
+    os.environ.setdefault("MS_SCHED_PORT", str(world.scheduler_port))
+    os.environ.update(MS_ROLE="MS_WORKER", MS_WORKER_NUM=str(world.size), MS_NODE_ID=str(world.rank))
     host, port = os.environ["MS_SCHED_HOST"], int(os.environ["MS_SCHED_PORT"])
-    scheduler, log_path = _start_scheduler(host, port) if rank == 0 else (None, None)
+    scheduler, log_path = _start_scheduler(host, port) if world.rank == 0 else (None, None)
     _wait_for_scheduler(host, port, scheduler, log_path)
 
 
@@ -134,7 +175,7 @@ def _start_scheduler(host: str, port: int):
         except OSError as err:
             raise ParallelError(f"cannot start MindSpore's scheduler on {host}:{port} ({err}): "
                                 "pick a free port with mpirun -x MS_SCHED_PORT=P") from err
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_MPI_PREFIXES)}
     env.update(MS_ROLE="MS_SCHED", MS_NODE_ID="scheduler")
     log_path = Path(tempfile.gettempdir()) / f"gm_ms_scheduler_{port}.log"
     with log_path.open("w") as log:
@@ -166,9 +207,18 @@ def _wait_for_scheduler(host: str, port: int, scheduler: Optional[subprocess.Pop
 def exit_after_mpirun_job(code: int = 0) -> None:
     """Under mpirun, end the process now that its work is written: MindSpore's interpreter-exit
     teardown of the cluster objects sometimes segfaults (seen twice in 2026-12-01's runs, rank 1,
-    after every file was written; mpirun then reports the job failed). Elsewhere: nothing."""
+    after every file was written; mpirun then reports the job failed). Elsewhere: nothing.
+
+    The ranks first meet in an MPI barrier: a rank that left its last MindSpore collective may
+    still owe a peer the data of it, and ending at once lost that data (measured: 3 of 6 runs,
+    the peer waited, then MindSpore's heartbeat check killed it)."""
     if launcher() != "mpirun":
         return
+    if code == 0 and _mpi_world.cache_info().currsize:
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Barrier()
+        MPI.Finalize()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

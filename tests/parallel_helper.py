@@ -2,6 +2,7 @@
 gm.parallel's start-up and collectives on N ranks. Each rank writes ``OUT/rank<r>.json``."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from gm.parallel import (  # noqa: E402
     exit_after_mpirun_job,
     gather_rows,
     init_parallel,
+    launcher,
 )
 
 ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -30,6 +32,7 @@ try:
 except ParallelError as err:
     error = str(err)
 result = {"rank": context.rank, "world_size": context.world_size, "rows": rows.tolist(), "same": same,
-          "error": error, "seconds_to_start": started}
+          "error": error, "seconds_to_start": started,
+          "launcher": launcher(), "openmpi_rank": os.environ.get("OMPI_COMM_WORLD_RANK")}
 (Path(sys.argv[1]) / f"rank{context.rank}.json").write_text(json.dumps(result))
 exit_after_mpirun_job()

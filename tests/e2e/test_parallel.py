@@ -272,8 +272,17 @@ def test_killing_a_rank_ends_the_run_with_an_error(tmp_path, launcher, message):
     assert not _processes(tmp_path.name)
 
 
-def test_helper_collectives_and_fast_start_under_mpirun(tmp_path):
-    result = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable,
+# OpenMPI's own rank variables removed: what an MPI without them (MPICH, Intel MPI, Slurm's PMIx)
+# leaves to go by; the ranks must then come from MPI itself (mpi4py)
+_WITHOUT_OPENMPI_RANKS = ["env", *(f"-u{name}" for name in (
+    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "OMPI_COMM_WORLD_NODE_RANK"))]
+
+
+@pytest.mark.parametrize("environment", ["openmpi", "mpi_only"])
+def test_helper_collectives_and_fast_start_under_mpirun(tmp_path, environment):
+    wrapper = _WITHOUT_OPENMPI_RANKS if environment == "mpi_only" else []
+    result = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", *wrapper, sys.executable,
                              str(REPO / "tests" / "parallel_helper.py"), str(tmp_path)], cwd=tmp_path,
                             env=_env(tmp_path), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -283,6 +292,7 @@ def test_helper_collectives_and_fast_start_under_mpirun(tmp_path):
         assert out["rows"] == [[0, 10], [1, 11]]
         assert out["same"][0] == out["same"][1]
         assert "a per-rank value differs between rank 0 and rank(s) [1] of 2" in out["error"]
+        assert out["launcher"] == "mpirun" and out["openmpi_rank"] == (str(r) if environment == "openmpi" else None)
         print(f"rank {r}: collectives ready after {out['seconds_to_start']:.1f} s")  # 74 s without the port wait
 
 
