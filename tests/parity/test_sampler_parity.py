@@ -242,6 +242,43 @@ def test_dpmpp_2s_ancestral_matches_k_diffusion_formulas(denoise_and_trace, eta)
     _assert_close(final, ref_final, "final")
 
 
+def _euler_ancestral_reference(noise, sigmas, step_noises, eta):
+    """k-diffusion's ``sample_euler_ancestral`` (Katherine Crowson, MIT) from its published
+    formulas: an Euler step to sigma_down, then fresh noise of std sigma_up."""
+    x = torch.from_numpy(noise).double() * math.sqrt(1 + sigmas[0] ** 2)
+    inputs = []
+    for i in range(len(sigmas) - 1):
+        inputs.append(x.numpy().copy())
+        t = float(np.abs(np.exp(LOG_SIGMAS) - sigmas[i]).argmin())
+        denoised = x - sigmas[i] * eps_numpy_like(x / math.sqrt(sigmas[i] ** 2 + 1), torch.tensor(t), torch)
+        up = min(sigmas[i + 1],
+                 eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5)
+        down = (sigmas[i + 1] ** 2 - up**2) ** 0.5
+        x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
+        if up > 0:
+            x = x + torch.from_numpy(step_noises[i]).double() * up
+    return inputs, x.numpy()
+
+
+# diffusers' EulerAncestralDiscreteScheduler has no eta: eta != 1 against k-diffusion's formulas
+@pytest.mark.parametrize("eta", [0.5, 0.0])
+def test_euler_ancestral_with_eta_matches_k_diffusion_formulas(denoise_and_trace, eta):
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    steps = 6
+    noise = np.random.default_rng(6).standard_normal(SHAPE).astype(np.float32)
+    step_noises = [np.random.default_rng(300 + i).standard_normal(SHAPE).astype(np.float32) for i in range(steps)]
+    draws = iter(step_noises)
+    sampler = EulerAncestralSampler(discretization_config=DDPM, num_steps=steps, eta=eta)
+    final = sampler(denoise_fn, Tensor(noise), COND, noise_fn=lambda shape: Tensor(next(draws))).asnumpy()
+    sigmas = [*np.exp(LOG_SIGMAS[np.linspace(999, 0, steps, endpoint=False).astype(int)]), 0.0]
+    inputs, ref_final = _euler_ancestral_reference(noise, [float(v) for v in sigmas], step_noises, eta)
+    assert len(trace) == len(inputs) == steps
+    for i, ((ours, _), ref) in enumerate(zip(trace, inputs)):
+        _assert_close(ours, ref, f"step {i}")
+    _assert_close(final, ref_final, "final")
+
+
 LEADING = {"target": "gm.modules.diffusionmodules.discretizer.DiffusersDDPMDiscretization"}
 
 
