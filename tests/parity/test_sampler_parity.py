@@ -185,24 +185,50 @@ def test_linear_multistep_matches_lms_discrete(denoise_and_trace, steps):
     _assert_close(final, ref_final, "final")
 
 
+def _k_denoised(x, sigma):
+    """The test's denoiser as k-diffusion sees it: eps-prediction at the training timestep nearest
+    to sigma (sgm's quantized c_noise; a midpoint sigma lies between table entries), scalings from
+    the exact sigma."""
+    t = float(np.abs(np.exp(LOG_SIGMAS) - sigma).argmin())
+    return x - sigma * eps_numpy_like(x / math.sqrt(sigma**2 + 1), torch.tensor(t), torch)
+
+
+def _ancestral_step(sigma, sigma_next, eta):
+    """k-diffusion's ``get_ancestral_step``: (sigma_up, sigma_down)."""
+    up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return up, (sigma_next**2 - up**2) ** 0.5
+
+
+def _check_against_k_diffusion(denoise_and_trace, sampler_class, reference, eta, seed, calls_per_step):
+    """Our sampler and a k-diffusion reference from the same noise and per-step draws: every model
+    input and the result."""
+    denoise_fn, trace = denoise_and_trace
+    trace.clear()
+    steps = 6
+    noise = np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+    step_noises = [np.random.default_rng(seed * 50 + i).standard_normal(SHAPE).astype(np.float32)
+                   for i in range(steps)]
+    draws = iter(step_noises)
+    sampler = sampler_class(discretization_config=DDPM, num_steps=steps, eta=eta)
+    final = sampler(denoise_fn, Tensor(noise), COND, noise_fn=lambda shape: Tensor(next(draws))).asnumpy()
+    # the reference's sigmas: sgm's timesteps (linspace(999, 0, n) truncated) looked up in the DDPM table
+    sigmas = [*np.exp(LOG_SIGMAS[np.linspace(999, 0, steps, endpoint=False).astype(int)]), 0.0]
+    inputs, ref_final = reference(noise, [float(v) for v in sigmas], step_noises, eta)
+    assert len(trace) == len(inputs) == calls_per_step * steps - (calls_per_step - 1)
+    for i, ((ours, _), ref) in enumerate(zip(trace, inputs)):
+        _assert_close(ours, ref, f"call {i}")
+    _assert_close(final, ref_final, "final")
+
+
 def _dpmpp_2s_ancestral_reference(noise, sigmas, step_noises, eta=1.0):
     """k-diffusion's ``sample_dpmpp_2s_ancestral`` (Katherine Crowson, MIT), from its published
     formulas, in torch on the test's noise predictor; returns the model inputs and the result."""
-    def denoised(x, sigma):
-        # eps-prediction at the training timestep nearest to sigma (sgm's quantized c_noise; the
-        # midpoint sigma lies between table entries), scalings from the exact sigma
-        t = float(np.abs(np.exp(LOG_SIGMAS) - sigma).argmin())
-        c_in = 1 / math.sqrt(sigma**2 + 1)
-        return x - sigma * eps_numpy_like(x * c_in, torch.tensor(t), torch)
-
     x = torch.from_numpy(noise).double() * math.sqrt(1 + sigmas[0] ** 2)
     inputs = []
     for i in range(len(sigmas) - 1):
         inputs.append(x.numpy().copy())
-        d0 = denoised(x, sigmas[i])
-        up = min(sigmas[i + 1],
-                 eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5)
-        down = (sigmas[i + 1] ** 2 - up**2) ** 0.5
+        d0 = _k_denoised(x, sigmas[i])
+        up, down = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         if down == 0:
             x = x + (x - d0) / sigmas[i] * (down - sigmas[i])
         else:
@@ -211,7 +237,7 @@ def _dpmpp_2s_ancestral_reference(noise, sigmas, step_noises, eta=1.0):
             s = t + 0.5 * h
             x2 = (math.exp(-s) / math.exp(-t)) * x - math.expm1(-0.5 * h) * d0
             inputs.append(x2.numpy().copy())
-            x = (math.exp(-t_next) / math.exp(-t)) * x - math.expm1(-h) * denoised(x2, math.exp(-s))
+            x = (math.exp(-t_next) / math.exp(-t)) * x - math.expm1(-h) * _k_denoised(x2, math.exp(-s))
         if up > 0:
             x = x + torch.from_numpy(step_noises[i]).double() * up
     return inputs, x.numpy()
@@ -225,21 +251,8 @@ LOG_SIGMAS = np.log(np.sqrt((1 - _ABAR) / _ABAR))
 # eta 1 puts the midpoint exactly on the next sigma (sigma_down = next^2 / sigma); eta 0.5 off the table
 @pytest.mark.parametrize("eta", [1.0, 0.5])
 def test_dpmpp_2s_ancestral_matches_k_diffusion_formulas(denoise_and_trace, eta):
-    denoise_fn, trace = denoise_and_trace
-    trace.clear()
-    steps = 6
-    noise = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
-    step_noises = [np.random.default_rng(200 + i).standard_normal(SHAPE).astype(np.float32) for i in range(steps)]
-    draws = iter(step_noises)
-    sampler = DPMPP2SAncestralSampler(discretization_config=DDPM, num_steps=steps, eta=eta)
-    final = sampler(denoise_fn, Tensor(noise), COND, noise_fn=lambda shape: Tensor(next(draws))).asnumpy()
-    # the reference's sigmas: sgm's timesteps (linspace(999, 0, n) truncated) looked up in the DDPM table
-    sigmas = [*np.exp(LOG_SIGMAS[np.linspace(999, 0, steps, endpoint=False).astype(int)]), 0.0]
-    inputs, ref_final = _dpmpp_2s_ancestral_reference(noise, [float(v) for v in sigmas], step_noises, eta)
-    assert len(trace) == len(inputs) == 2 * steps - 1
-    for i, ((ours, _), ref) in enumerate(zip(trace, inputs)):
-        _assert_close(ours, ref, f"call {i}")
-    _assert_close(final, ref_final, "final")
+    _check_against_k_diffusion(denoise_and_trace, DPMPP2SAncestralSampler, _dpmpp_2s_ancestral_reference, eta,
+                               seed=5, calls_per_step=2)  # the last step (to sigma 0) makes one call
 
 
 def _euler_ancestral_reference(noise, sigmas, step_noises, eta):
@@ -249,11 +262,8 @@ def _euler_ancestral_reference(noise, sigmas, step_noises, eta):
     inputs = []
     for i in range(len(sigmas) - 1):
         inputs.append(x.numpy().copy())
-        t = float(np.abs(np.exp(LOG_SIGMAS) - sigmas[i]).argmin())
-        denoised = x - sigmas[i] * eps_numpy_like(x / math.sqrt(sigmas[i] ** 2 + 1), torch.tensor(t), torch)
-        up = min(sigmas[i + 1],
-                 eta * (sigmas[i + 1] ** 2 * (sigmas[i] ** 2 - sigmas[i + 1] ** 2) / sigmas[i] ** 2) ** 0.5)
-        down = (sigmas[i + 1] ** 2 - up**2) ** 0.5
+        denoised = _k_denoised(x, sigmas[i])
+        up, down = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + (x - denoised) / sigmas[i] * (down - sigmas[i])
         if up > 0:
             x = x + torch.from_numpy(step_noises[i]).double() * up
@@ -263,20 +273,8 @@ def _euler_ancestral_reference(noise, sigmas, step_noises, eta):
 # diffusers' EulerAncestralDiscreteScheduler has no eta: eta != 1 against k-diffusion's formulas
 @pytest.mark.parametrize("eta", [0.5, 0.0])
 def test_euler_ancestral_with_eta_matches_k_diffusion_formulas(denoise_and_trace, eta):
-    denoise_fn, trace = denoise_and_trace
-    trace.clear()
-    steps = 6
-    noise = np.random.default_rng(6).standard_normal(SHAPE).astype(np.float32)
-    step_noises = [np.random.default_rng(300 + i).standard_normal(SHAPE).astype(np.float32) for i in range(steps)]
-    draws = iter(step_noises)
-    sampler = EulerAncestralSampler(discretization_config=DDPM, num_steps=steps, eta=eta)
-    final = sampler(denoise_fn, Tensor(noise), COND, noise_fn=lambda shape: Tensor(next(draws))).asnumpy()
-    sigmas = [*np.exp(LOG_SIGMAS[np.linspace(999, 0, steps, endpoint=False).astype(int)]), 0.0]
-    inputs, ref_final = _euler_ancestral_reference(noise, [float(v) for v in sigmas], step_noises, eta)
-    assert len(trace) == len(inputs) == steps
-    for i, ((ours, _), ref) in enumerate(zip(trace, inputs)):
-        _assert_close(ours, ref, f"step {i}")
-    _assert_close(final, ref_final, "final")
+    _check_against_k_diffusion(denoise_and_trace, EulerAncestralSampler, _euler_ancestral_reference, eta,
+                               seed=6, calls_per_step=1)
 
 
 LEADING = {"target": "gm.modules.diffusionmodules.discretizer.DiffusersDDPMDiscretization"}
