@@ -292,8 +292,10 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     if parallel.is_main:
         save_path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(save_path / "config.yaml", config_text)
-    probe = fixed_noise_instance_loss(loss_cell, frozen, dataset, seed=cfg.train.seed,
-                                      chunk=rows) if cfg.train.probe_loss else (lambda: None)
+    probe = fixed_noise_instance_loss(
+        train_step, frozen, dataset, seed=cfg.train.seed, batch_size=cfg.data.batch_size, with_prior=with_prior,
+        reuse_train_step=ms.get_context("mode") == ms.GRAPH_MODE and not cfg.lora.dropout,
+    ) if cfg.train.probe_loss else (lambda: None)
     timings["frozen_inputs_s"] = round(time.perf_counter() - start_time - timings["build_s"], 2)
     log = (save_path / "train_log.jsonl").open("a") if parallel.is_main else None
     # a resumed run keeps the first attempt's "before" loss (its LoRA is no longer the initial one)

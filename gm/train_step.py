@@ -62,10 +62,10 @@ def _square_sum_tensor(factor, grad):
     return ops.square(grad.astype(ms.float32) * factor).sum()
 
 
-@_keep_or_zero.register("Tensor", "Tensor", "Tensor")
-def _assign_keep_or_zero(keep, buffer, value):
+@_keep_or_zero.register("Tensor", "Tensor", "Tensor", "Tensor")
+def _assign_keep_or_zero(measuring, keep, buffer, value):
     # select, not multiply: a buffer holding inf/nan must still come back as zeros
-    return ops.assign(buffer, ops.where(keep, value, ops.zeros_like(value)))
+    return ops.assign(buffer, ops.where(measuring, buffer, ops.where(keep, value, ops.zeros_like(value))))
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,8 @@ class TrainStep(nn.Cell):
         self.backoff_factor = Tensor(loss_scale.backoff_factor, ms.float32)
         self.one = Tensor(1.0, ms.float32)
         self.growth_interval = int(loss_scale.growth_interval)
+        # set by ``measure``: the same graph computes the losses but changes no state
+        self.measuring = Parameter(Tensor(False, ms.bool_), name="train_step.measuring", requires_grad=False)
 
     def state_parameters(self) -> Dict[str, Parameter]:
         """Every Parameter an update changes, by name: the trained weights, the AdamW moments and
@@ -187,29 +189,45 @@ class TrainStep(nn.Cell):
         """The ``lrs`` input: each group's base learning rate times the schedule's ``factor``."""
         return Tensor(np.array(self.base_lrs, np.float32) * np.float32(factor))
 
+    def measure(self, *inputs) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(loss, loss_instance, loss_class)`` of one micro-batch from this step's graph, changing
+        nothing: no update, no accumulation, micro-step count and loss scale as they were (the
+        gradients are computed and dropped). A measurement (the progress probe) that reuses the
+        compiled step costs no compilation of a forward-only graph of its own. Runs in the cell's
+        current train/eval mode (LoRA dropout on in train mode)."""
+        ops.assign(self.measuring, Tensor(True, ms.bool_))
+        try:
+            loss, loss_instance, loss_class, *_ = self(self.learning_rates(0.0), *inputs)
+        finally:
+            ops.assign(self.measuring, Tensor(False, ms.bool_))
+        return loss, loss_instance, loss_class
+
     def construct(self, lrs: Tensor, *inputs):
         """lrs: (num_groups,) float32 learning rates for an update made by this call; inputs: the
         loss cell's. Returns (loss, loss_instance, loss_class, grad_norm, overflow, updated)."""
         (_, loss, loss_instance, loss_class), grads = self.grad_fn(self.loss_scale, *inputs)
         if self.reduce_grads:
             grads = self.grad_reducer(grads)
+        measuring = self.measuring
         micro_step = self.micro_step + 1
         is_last = micro_step >= self.grad_accum_steps
         keep = ops.logical_not(is_last)
         if self.accumulate:
             grads = self.hyper_map(_add, self.accum_grads, grads)  # the scaled sum so far
             # the buffers are reset after the k-th call, whether the update happens or is skipped
-            self.hyper_map(ops.partial(_keep_or_zero, keep), self.accum_grads, grads)
-        ops.assign(self.micro_step, ops.where(keep, micro_step, ops.zeros_like(micro_step)))
+            self.hyper_map(ops.partial(_keep_or_zero, measuring, keep), self.accum_grads, grads)
+        ops.assign(self.micro_step, ops.where(measuring, self.micro_step,
+                                              ops.where(keep, micro_step, ops.zeros_like(micro_step))))
         unscale = 1.0 / (self.loss_scale * self.grad_accum_steps)
         grad_norm = ops.sqrt(ops.addn(self.hyper_map(ops.partial(_square_sum, unscale), grads)))
         finite = ops.isfinite(grad_norm)
-        updated = ops.logical_and(is_last, finite)
+        at_update = ops.logical_and(is_last, ops.logical_not(measuring))
+        updated = ops.logical_and(at_update, finite)
         if updated:
             loss = ops.depend(loss, self._update(lrs, grads, unscale, grad_norm))
         if self.dynamic_scale:
-            self._adjust_loss_scale(is_last, finite)
-        return loss, loss_instance, loss_class, grad_norm, ops.logical_and(is_last, ops.logical_not(finite)), updated
+            self._adjust_loss_scale(at_update, finite)
+        return loss, loss_instance, loss_class, grad_norm, ops.logical_and(at_update, ops.logical_not(finite)), updated
 
     def _update(self, lrs: Tensor, grads: Tuple[Tensor, ...], unscale: Tensor, grad_norm: Tensor):
         """One optimizer update with ``grads * unscale``, clipped: one scalar factor for all parameters."""

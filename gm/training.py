@@ -58,13 +58,21 @@ class _PerSampleLoss(nn.Cell):
         return self.loss_cell.per_sample_loss(latents, noise, sigmas, crossattn, vector)
 
 
-def fixed_noise_instance_loss(loss_cell: nn.Cell, frozen: FrozenInputs, dataset, seed: int, chunk: int,
+def fixed_noise_instance_loss(train_step, frozen: FrozenInputs, dataset, seed: int, batch_size: int,
+                              with_prior: bool, reuse_train_step: bool,
                               sigma_indices: Tuple[int, ...] = (99, 299, 499, 699, 899)) -> Callable[[], float]:
     """A progress probe: the mean denoising loss over the instance samples at the first
     :func:`probe_positions` at fixed noise levels and fixed noise (posterior means), recomputed
     with the current weights on each call. Unlike the training loss it does not move with the
     random draws. The latents (and, with frozen text encoders, the conditioning) are computed once.
-    Runs ``chunk`` rows per call (the training micro-batch's rows: its activation memory)."""
+
+    ``reuse_train_step`` (graph mode, no LoRA dropout): the rows go through the compiled train
+    step itself (``TrainStep.measure``: its losses, no update), so the probe compiles nothing of
+    its own (a forward-only graph cost ~25 s of the tiny run's first step, and ~7 GB and 4 minutes
+    at full size); each call's instance (and class) half holds ``batch_size`` distinct probe rows,
+    a half mean counting for its rows, and rows left over fill a half alone, repeated. Otherwise
+    (PyNative, where nothing is compiled; LoRA dropout, which the train mode applies) the loss
+    cell's per-sample loss runs in eval mode on chunks of the micro-batch's row count."""
     samples = [dataset.sample(p) for p in probe_positions(dataset)]
     batch = {k: v for k, v in collate(samples).items() if not k.startswith("class_")}
     _, cond_batch = model_inputs(batch)
@@ -76,12 +84,32 @@ def fixed_noise_instance_loss(loss_cell: nn.Cell, frozen: FrozenInputs, dataset,
     latents = sample_latents(mean, None, None, frozen.engine.scale_factor)[repeat]
     sigmas = np.tile(np.asarray(frozen.engine.denoiser.sigmas_np, np.float32)[list(sigma_indices)], n)
     noise = np.random.default_rng([seed, 7919]).standard_normal((n * k, *mean.shape[1:])).astype(np.float32)
-    per_sample = _PerSampleLoss(loss_cell)
-    rows = np.arange(n * k)
-    chunks = [np.resize(rows[i:i + chunk], chunk) for i in range(0, n * k, chunk)]  # last one padded by repeats
+    slots = 2 if with_prior else 1
+    if reuse_train_step:
+        step_cond = fixed_cond or tuple(t.asnumpy() for t in frozen.engine.conditioner.prepare_inputs(cond_batch))
+        rows = (latents, noise, sigmas, *(a[repeat] for a in step_cond))
+        halves = _probe_halves(n * k, batch_size)
+        halves += [(halves[0][0], 0)] * (-len(halves) % slots)  # whole calls; the filler counts for nothing
+
+        def probe() -> float:
+            train_step.set_train(True)  # the compiled (train-mode) graph; no dropout, so deterministic
+            total = 0.0
+            for start in range(0, len(halves), slots):
+                call = halves[start:start + slots]
+                idx = np.concatenate([half for half, _ in call])
+                _, loss_instance, loss_class = train_step.measure(*(Tensor(a[idx]) for a in rows))
+                means = (loss_instance, loss_class)[:slots]
+                total += sum(count * float(m.asnumpy()) for (_, count), m in zip(call, means))
+            return total / (n * k)
+
+        return probe
+
+    per_sample = _PerSampleLoss(train_step.scaled_loss.loss_cell)
+    chunk = batch_size * slots
+    all_rows = np.arange(n * k)
+    chunks = [np.resize(all_rows[i:i + chunk], chunk) for i in range(0, n * k, chunk)]  # last padded by repeats
 
     def probe() -> float:
-        # compiled (graph mode): eagerly, 13 chunks of the tiny UNet took 30-140 s per call (measured)
         crossattn, vector = fixed_cond or frozen.encode_conditioning(cond_batch)
         crossattn, vector = crossattn[repeat], vector[repeat]
         per_sample.set_train(False)  # no LoRA dropout in a measurement
@@ -92,6 +120,14 @@ def fixed_noise_instance_loss(loss_cell: nn.Cell, frozen: FrozenInputs, dataset,
         return float(losses.mean())
 
     return probe
+
+
+def _probe_halves(count: int, batch_size: int) -> List[Tuple[np.ndarray, int]]:
+    """Row indices of one micro-batch half each, with the number of probe rows its mean stands for:
+    whole groups of ``batch_size`` distinct rows, then each leftover row repeated to fill a half."""
+    whole = count - count % batch_size
+    halves = [(np.arange(i, i + batch_size), batch_size) for i in range(0, whole, batch_size)]
+    return halves + [(np.full(batch_size, r), 1) for r in range(whole, count)]
 
 
 def probe_positions(dataset) -> range:

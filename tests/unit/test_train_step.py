@@ -117,6 +117,36 @@ def test_toy_dynamic_loss_scale_backs_off_on_overflow_and_grows():
     assert float(step.loss_scale.asnumpy()) == 4.0 and int(step.growth_tracker.asnumpy()) == 0
 
 
+def test_measure_returns_the_losses_and_changes_no_state():
+    """The progress probe runs the compiled step with ``measure``: its losses are the forward's
+    (numpy on the current weights), and interleaving measurements -- between updates, mid-way
+    through an accumulation, with a non-finite batch -- leaves every update, the accumulation
+    buffers, the micro-step count and the dynamic loss scale exactly as without them."""
+    batches = _toy_batches(6)
+    scale = LossScaleConfig("dynamic", init_scale=4.0, growth_interval=2)
+    plain_toy, plain = _toy_step(2, scale)
+    toy, step = _toy_step(2, scale)
+    bad_x = batches[5][0].copy()
+    bad_x[1, 1] = np.inf
+    for i, batch in enumerate(batches[:4]):
+        lrs = step.learning_rates(1.0)
+        plain(lrs, *to_tensors(batch))
+        for x, y in (batches[4], (bad_x, batches[5][1])):
+            loss, first, second = (float(t.asnumpy()) for t in step.measure(Tensor(x), Tensor(y)))
+            w, b = toy.w.asnumpy().astype(np.float64), toy.b.asnumpy().astype(np.float64)
+            expected = ((x @ w + b - y) ** 2).mean(axis=1)
+            if np.isfinite(x).all():
+                _assert_close([loss, first, second], [expected.mean(), *expected], f"measured losses, call {i}")
+            else:
+                assert not np.isfinite(loss) and np.isfinite(first)
+        step(lrs, *to_tensors(batch))
+        states = [[p.asnumpy() for p in (s.micro_step, s.loss_scale, s.growth_tracker, *s.accum_grads,
+                                         *s.state_parameters().values())] for s in (step, plain)]
+        for ours, expected in zip(*states):
+            np.testing.assert_array_equal(ours, expected)
+    assert float(step.loss_scale.asnumpy()) == 8.0  # grown after 2 clean updates, never backed off
+
+
 def test_loss_scale_config_and_validation():
     assert loss_scale_config("fp16", "static").kind == "static"
     assert loss_scale_config("fp16").kind == "dynamic"
