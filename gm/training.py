@@ -62,9 +62,12 @@ def fixed_noise_instance_loss(train_step, frozen: FrozenInputs, dataset, seed: i
                               with_prior: bool, reuse_train_step: bool,
                               sigma_indices: Tuple[int, ...] = (99, 299, 499, 699, 899)) -> Callable[[], float]:
     """A progress probe: the mean denoising loss over the instance samples at the first
-    :func:`probe_positions` at fixed noise levels and fixed noise (posterior means), recomputed
+    :func:`probe_positions` (posterior means) at fixed noise levels and fixed noise, recomputed
     with the current weights on each call. Unlike the training loss it does not move with the
-    random draws. The latents (and, with frozen text encoders, the conditioning) are computed once.
+    random draws. Row j is image ``j % n`` at level ``j % k`` for ``max(n, k)`` rows: every
+    image and every level appears, at 1/k of the cost of every image at every level (each call
+    costs a train step below). The latents (and, with frozen text encoders, the conditioning)
+    are computed once.
 
     ``reuse_train_step`` (graph mode, no LoRA dropout): the rows go through the compiled train
     step itself (``TrainStep.measure``: its losses, no update), so the probe compiles nothing of
@@ -80,15 +83,17 @@ def fixed_noise_instance_loss(train_step, frozen: FrozenInputs, dataset, seed: i
         mean, _ = frozen.batch_moments(batch)
         fixed_cond = None if frozen.train_text_encoder else frozen.batch_conditioning(cond_batch)
     n, k = len(samples), len(sigma_indices)
-    repeat = np.repeat(np.arange(n), k)  # image i at every noise level
+    count = max(n, k)
+    repeat = np.arange(count) % n  # the image of each row
     latents = sample_latents(mean, None, None, frozen.engine.scale_factor)[repeat]
-    sigmas = np.tile(np.asarray(frozen.engine.denoiser.sigmas_np, np.float32)[list(sigma_indices)], n)
-    noise = np.random.default_rng([seed, 7919]).standard_normal((n * k, *mean.shape[1:])).astype(np.float32)
+    levels = np.asarray(frozen.engine.denoiser.sigmas_np, np.float32)[list(sigma_indices)]
+    sigmas = levels[np.arange(count) % k]
+    noise = np.random.default_rng([seed, 7919]).standard_normal((count, *mean.shape[1:])).astype(np.float32)
     slots = 2 if with_prior else 1
     if reuse_train_step:
         step_cond = fixed_cond or tuple(t.asnumpy() for t in frozen.engine.conditioner.prepare_inputs(cond_batch))
         rows = (latents, noise, sigmas, *(a[repeat] for a in step_cond))
-        halves = _probe_halves(n * k, batch_size)
+        halves = _probe_halves(count, batch_size)
         halves += [(halves[0][0], 0)] * (-len(halves) % slots)  # whole calls; the filler counts for nothing
 
         def probe() -> float:
@@ -99,21 +104,21 @@ def fixed_noise_instance_loss(train_step, frozen: FrozenInputs, dataset, seed: i
                 idx = np.concatenate([half for half, _ in call])
                 _, loss_instance, loss_class = train_step.measure(*(Tensor(a[idx]) for a in rows))
                 means = (loss_instance, loss_class)[:slots]
-                total += sum(count * float(m.asnumpy()) for (_, count), m in zip(call, means))
-            return total / (n * k)
+                total += sum(rows_in_half * float(m.asnumpy()) for (_, rows_in_half), m in zip(call, means))
+            return total / count
 
         return probe
 
     per_sample = _PerSampleLoss(train_step.scaled_loss.loss_cell)
     chunk = batch_size * slots
-    all_rows = np.arange(n * k)
-    chunks = [np.resize(all_rows[i:i + chunk], chunk) for i in range(0, n * k, chunk)]  # last padded by repeats
+    all_rows = np.arange(count)
+    chunks = [np.resize(all_rows[i:i + chunk], chunk) for i in range(0, count, chunk)]  # last padded by repeats
 
     def probe() -> float:
         crossattn, vector = fixed_cond or frozen.encode_conditioning(cond_batch)
         crossattn, vector = crossattn[repeat], vector[repeat]
         per_sample.set_train(False)  # no LoRA dropout in a measurement
-        losses = np.zeros(n * k, np.float64)
+        losses = np.zeros(count, np.float64)
         for idx in chunks:
             out = per_sample(*(Tensor(a[idx]) for a in (latents, noise, sigmas, crossattn, vector)))
             losses[idx] = out.asnumpy()

@@ -77,3 +77,32 @@ def test_release_after_caching_keeps_the_inputs(tiny_weights, setup):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(RuntimeError, match="released"):
         engine.first_stage_model.encoder(Tensor(np.zeros((1, 3, 8, 8), np.float32)))
+
+
+def test_the_probe_through_the_train_step_is_the_mean_per_sample_loss(tiny_weights, setup):
+    """The progress probe reuses the compiled train step (``TrainStep.measure``): with 2 rows per
+    half and prior preservation, its 5 rows make two whole halves, one leftover half of a repeated
+    row, and a filler half that must count for nothing. It equals the mean of the rows'
+    per-sample losses computed eagerly by the loss cell, and changes no weight."""
+    from tiny_training import LATE_TRAINABLE
+
+    from gm.frozen_inputs import eager
+    from gm.optim import build_optimizer, parameter_groups
+    from gm.train_step import TrainStep
+    from gm.training import fixed_noise_instance_loss, probe_positions
+
+    _, dataset, _ = setup
+    engine, trainable = build_tiny_engine(tiny_weights, LATE_TRAINABLE)
+    loss_cell = DreamBoothLoss(engine, with_prior_preservation=True, snr_gamma=5.0)
+    step = TrainStep(loss_cell, build_optimizer(parameter_groups(engine, learning_rate=1e-3)))
+    frozen = CachedInputs(engine, dataset, probe_positions(dataset), chunk=4)
+    probes = {reuse: fixed_noise_instance_loss(step, frozen, dataset, seed=5, batch_size=2, with_prior=True,
+                                               reuse_train_step=reuse) for reuse in (True, False)}
+    before = [p.asnumpy().copy() for p in trainable]
+    through_step = probes[True]()
+    with eager():
+        per_sample_mean = probes[False]()
+    assert through_step == pytest.approx(per_sample_mean, rel=1e-5)
+    for old, param in zip(before, trainable):
+        np.testing.assert_array_equal(old, param.asnumpy())
+    assert int(step.optimizer.state_step.asnumpy()) == 0 and int(step.micro_step.asnumpy()) == 0
