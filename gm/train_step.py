@@ -27,6 +27,9 @@ Graph mode and PyNative run the same ``construct``. The step counts micro-batche
             loss, loss_instance, loss_class, grad_norm, overflow, updated = step(lrs, *batch_inputs)
         # overflow: log a warning, the update was skipped
 
+``step.measure(*inputs)`` runs the same graph for its losses only (nothing updated or
+accumulated): the progress probe uses it instead of compiling a forward-only graph.
+
 Data parallel: build the step after ``gm.parallel.init_parallel`` has set the parallel mode.
 Keep input shapes fixed (drop the last incomplete batch): a new shape recompiles the graph.
 State (optimizer moments, accumulators, loss scale) lives in Parameters; to overwrite one after
