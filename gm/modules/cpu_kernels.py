@@ -11,12 +11,8 @@ tensor over a full-size one is 2-3x slower than BiasAdd/BatchNorm and, in graph 
 memory is never reused (+4x the tensor size per op), while those primitives' is. A matmul of
 a weight (O, K) with a batch (B, K, L) broadcasts the weight; in graph mode its backward then
 holds several copies of the weight (measured: +6x the weight's size in RSS at 1024 channels, and
-up to 4x slower), so ``weight_matmul`` runs one 2-D ``MatMul`` per sample of the (small) batch for
-large weights, split with ``unstack`` (indexing the first axis is a slow strided slice here). Small
-weights on small images keep the one broadcasting matmul: the per-sample split triples the graph's
-matmul nodes, which cost the tiny UNet's train step 12 of its 55 s of compilation (measured, same
-loss); on large images the per-sample MatMuls are faster (a (192, 192) weight over 2 x 66564
-columns: 0.15 vs 0.19 s).
+up to 4x slower), so ``weight_matmul`` runs one 2-D ``MatMul`` per sample of the (small) batch,
+split with ``unstack`` (indexing the first axis is a slow strided slice here).
 """
 
 from __future__ import annotations
@@ -24,18 +20,10 @@ from __future__ import annotations
 from mindspore import Tensor, ops
 
 _MATMUL = ops.MatMul()
-# One MatMul per sample from this many weight elements on (4 MB in float32: SDXL's 3x3 convs
-# from 640 channels; below, the broadcast's extra backward memory is a few MB at most) or from
-# this many columns per sample on (64x64 pixels).
-PER_SAMPLE_MATMUL_FROM = 2**20
-PER_SAMPLE_COLUMNS_FROM = 64 * 64
 
 
 def weight_matmul(weight: Tensor, x: Tensor) -> Tensor:
-    """``weight`` (O, K) times each sample of ``x`` (B, K, L) -> (B, O, L); one 2-D MatMul per
-    sample for a large weight (see the module docstring)."""
-    if weight.shape[0] * weight.shape[1] < PER_SAMPLE_MATMUL_FROM and x.shape[2] < PER_SAMPLE_COLUMNS_FROM:
-        return ops.matmul(weight, x)
+    """``weight`` (O, K) times each sample of ``x`` (B, K, L) -> (B, O, L), one 2-D MatMul per sample."""
     return ops.stack([_MATMUL(weight, sample) for sample in ops.unstack(x, 0)], 0)
 
 
