@@ -293,7 +293,7 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
         save_path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(save_path / "config.yaml", config_text)
     probe = fixed_noise_instance_loss(
-        train_step, frozen, dataset, seed=cfg.train.seed, batch_size=cfg.data.batch_size, with_prior=with_prior,
+        train_step, frozen, dataset, seed=cfg.train.seed, batch_size=cfg.data.batch_size,
         reuse_train_step=ms.get_context("mode") == ms.GRAPH_MODE and not cfg.lora.dropout,
     ) if cfg.train.probe_loss else (lambda: None)
     timings["frozen_inputs_s"] = round(time.perf_counter() - start_time - timings["build_s"], 2)

@@ -59,7 +59,7 @@ class _PerSampleLoss(nn.Cell):
 
 
 def fixed_noise_instance_loss(train_step, frozen: FrozenInputs, dataset, seed: int, batch_size: int,
-                              with_prior: bool, reuse_train_step: bool,
+                              reuse_train_step: bool,
                               sigma_indices: Tuple[int, ...] = (99, 299, 499, 699, 899)) -> Callable[[], float]:
     """A progress probe: the mean denoising loss over the instance samples at the first
     :func:`probe_positions` (posterior means) at fixed noise levels and fixed noise, recomputed
@@ -89,7 +89,8 @@ def fixed_noise_instance_loss(train_step, frozen: FrozenInputs, dataset, seed: i
     levels = np.asarray(frozen.engine.denoiser.sigmas_np, np.float32)[list(sigma_indices)]
     sigmas = levels[np.arange(count) % k]
     noise = np.random.default_rng([seed, 7919]).standard_normal((count, *mean.shape[1:])).astype(np.float32)
-    slots = 2 if with_prior else 1
+    loss_cell = train_step.scaled_loss.loss_cell
+    slots = 2 if loss_cell.with_prior_preservation else 1  # micro-batch halves: instance (, class)
     if reuse_train_step:
         step_cond = fixed_cond or tuple(t.asnumpy() for t in frozen.engine.conditioner.prepare_inputs(cond_batch))
         rows = (latents, noise, sigmas, *(a[repeat] for a in step_cond))
@@ -109,7 +110,7 @@ def fixed_noise_instance_loss(train_step, frozen: FrozenInputs, dataset, seed: i
 
         return probe
 
-    per_sample = _PerSampleLoss(train_step.scaled_loss.loss_cell)
+    per_sample = _PerSampleLoss(loss_cell)
     chunk = batch_size * slots
     all_rows = np.arange(count)
     chunks = [np.resize(all_rows[i:i + chunk], chunk) for i in range(0, count, chunk)]  # last padded by repeats

@@ -96,7 +96,7 @@ def test_the_probe_through_the_train_step_is_the_mean_per_sample_loss(tiny_weigh
     loss_cell = DreamBoothLoss(engine, with_prior_preservation=True, snr_gamma=5.0)
     step = TrainStep(loss_cell, build_optimizer(parameter_groups(engine, learning_rate=1e-3)))
     frozen = CachedInputs(engine, dataset, probe_positions(dataset), chunk=4)
-    probes = {reuse: fixed_noise_instance_loss(step, frozen, dataset, seed=5, batch_size=2, with_prior=True,
+    probes = {reuse: fixed_noise_instance_loss(step, frozen, dataset, seed=5, batch_size=2,
                                                reuse_train_step=reuse) for reuse in (True, False)}
     before = [p.asnumpy().copy() for p in trainable]
     through_step = probes[True]()
