@@ -7,12 +7,14 @@ is applied by the diffusion engine, not here, as in sgm.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Tuple
 
-from mindspore import Tensor, nn
+import numpy as np
+from mindspore import Tensor, nn, ops
 
 from gm.modules.diffusionmodules.model import Decoder, Encoder
-from gm.modules.distributions import DiagonalGaussianDistribution, split_moments
+from gm.modules.distributions import DiagonalGaussianDistribution, gaussian_sample, split_moments
 from gm.modules.layers import Conv2d
 
 
@@ -62,3 +64,45 @@ class AutoencoderKL(nn.Cell):
         """Deterministic reconstruction: decode the posterior mean of ``x`` (B, 3, H, W)."""
         mean, _ = self.encode(x)
         return self.decode(mean)
+
+
+class AutoencoderLoss(nn.Cell):
+    """``(images, noise) -> (loss, reconstruction, kl)`` for training the autoencoder from scratch.
+
+    The reconstruction of a posterior sample (``mean + std * noise``) against the input, as the
+    mean absolute error per pixel, plus ``kl_weight`` times the KL divergence of the posterior from
+    N(0, 1), averaged per latent element (sgm's ``LPIPSWithDiscriminator`` without the perceptual
+    and adversarial terms, with means instead of per-image sums). ``noise`` is drawn on the host.
+    """
+
+    def __init__(self, vae: AutoencoderKL, kl_weight: float):
+        super().__init__(auto_prefix=False)
+        self.vae = vae
+        self.kl_weight = float(kl_weight)
+
+    def construct(self, images: Tensor, noise: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        mean, logvar = self.vae.encode(images)
+        decoded = self.vae.decode(gaussian_sample(mean, logvar, noise))
+        reconstruction = ops.abs(decoded - images).mean()
+        kl = 0.5 * (mean * mean + ops.exp(logvar) - 1.0 - logvar).mean()
+        return reconstruction + self.kl_weight * kl, reconstruction, kl
+
+
+def rescale_latent_space(vae: AutoencoderKL, factor: float) -> None:
+    """Make the posterior's latents ``factor`` times larger without changing any decoded image.
+
+    ``quant_conv``'s mean rows (weight and bias) are multiplied by ``factor``, its log-variance
+    bias grows by ``2 ln factor``, and ``post_quant_conv``'s weight is divided by ``factor`` (it is
+    linear in the latent). Used to give a freshly trained VAE the latent scale its model config's
+    ``scale_factor`` expects (scaled latents of unit standard deviation).
+    """
+    z = vae.embed_dim
+    weight = vae.quant_conv.weight.asnumpy().copy()
+    bias = vae.quant_conv.bias.asnumpy().copy()
+    weight[:z] *= factor
+    bias[:z] *= factor
+    bias[z:] += 2.0 * math.log(factor)
+    vae.quant_conv.weight.set_data(Tensor(weight.astype(np.float32)))
+    vae.quant_conv.bias.set_data(Tensor(bias.astype(np.float32)))
+    post = vae.post_quant_conv.weight.asnumpy() / factor
+    vae.post_quant_conv.weight.set_data(Tensor(post.astype(np.float32)))

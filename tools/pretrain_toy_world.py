@@ -1,0 +1,321 @@
+"""Pretrain the tiny SDXL from scratch on the toy world: the VAE, then the UNet; resumable.
+
+    python tools/pretrain_toy_world.py --out runs/toy_world                      # configs/pretrain/toy_world.yaml
+    python tools/pretrain_toy_world.py --out runs/toy_world --vae_steps 20 --unet_steps 20   # a smoke run
+
+Both stages run this project's own model code and training step (``gm.train_step.TrainStep``,
+AdamW, clipping): the VAE (reconstruction + KL, ``gm.models.autoencoder.AutoencoderLoss``) on
+the world's photos, its latent space then rescaled so the config's ``scale_factor`` gives
+unit-variance latents, then every UNet weight with the SDXL denoising loss on the VAE's latents
+of the same photos and their captions (10% dropped to the unconditional embedding). The text
+encoders keep their seeded initialisation. A killed run continues from its newest state in
+``--out/<stage>/state`` when started again with the same command. The result is
+``--out/sd_xl_toy_world.safetensors`` (official single-file names, ``save.dtype``) and
+``--out/MODEL_CARD.md`` (data, steps, losses, seed, time, the command that reproduces it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from gm.cli import run_cli, setup_logging  # noqa: E402
+from gm.errors import ConfigError  # noqa: E402
+
+_logger = logging.getLogger("gm.pretrain")
+DEFAULT_CONFIG = REPO / "configs" / "pretrain" / "toy_world.yaml"
+OUTPUT_NAME = "sd_xl_toy_world.safetensors"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="run folder: world photos, stage states, the result")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--vae_steps", type=int, help="override vae.steps")
+    parser.add_argument("--unet_steps", type=int, help="override unet.steps")
+    parser.add_argument("--num_images", type=int, help="override data.num_images")
+    parser.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    return parser.parse_args(argv)
+
+
+def load_pretrain_config(args: argparse.Namespace):
+    path = Path(args.config)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    cfg = OmegaConf.load(path)
+    for flag, key in (("vae_steps", "vae.steps"), ("unet_steps", "unet.steps"), ("num_images", "data.num_images")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"--{flag} {value}: must be >= 1")
+            OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+# -- the data -----------------------------------------------------------------------------------
+
+def world_photos(out: Path, count: int, resolution: int, seed: int) -> Tuple[np.ndarray, List[str]]:
+    """Photos 0..count-1 of the world as uint8 (N, R, R, 3) and their captions, rendered once into
+    ``out/world_<seed>_<count>_<R>.npz``."""
+    from gm.data.toy_world import render_world_photo
+
+    cache = out / f"world_{seed}_{count}_{resolution}.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        return data["images"], [str(c) for c in data["captions"]]
+    images, captions = [], []
+    for index in range(count):
+        photo, item = render_world_photo(index, size=resolution, seed=seed)
+        images.append(np.asarray(photo))
+        captions.append(item.caption)
+    images = np.stack(images)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images, captions=np.array(captions))
+    tmp.replace(cache)
+    _logger.info("rendered %d toy-world photos at %dx%d", count, resolution, resolution)
+    return images, captions
+
+
+def to_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, R, R, 3) -> float32 (N, 3, R, R) in [-1, 1]."""
+    return (images.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()
+
+
+# -- one resumable stage ------------------------------------------------------------------------
+
+def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence], steps: int, schedule,
+              save_cfg, config_text: str) -> Dict[str, float]:
+    """Train ``steps`` updates of ``step_cell`` (a TrainStep) on ``batch(step)``, resuming from
+    ``out/name/state``; returns the mean losses of the last ``log_every`` steps."""
+    from mindspore import Tensor
+    from tqdm import tqdm
+
+    from gm.train_state import load_state, prune_states, save_state, state_folders, verify_state
+
+    folder = out / name
+    first = 0
+    good = [f for f in state_folders(folder) if verify_state(f) is None]
+    if good:
+        state = load_state(good[-1])
+        step_cell.load_state_arrays(state.arrays, str(state.path))
+        first = state.step
+        _logger.info("%s: resuming from %s (step %d of %d)", name, state.path, first, steps)
+    recent: List[Tuple[float, float, float]] = []
+    log = (folder / "log.jsonl")
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("a") as log_file:
+        for step in tqdm(range(first, steps), desc=name, initial=first, total=steps):
+            out_ = step_cell(step_cell.learning_rates(schedule(step)), *(Tensor(a) for a in batch(step)))
+            loss, first_part, second_part = (float(t.asnumpy()) for t in out_[:3])
+            if not np.isfinite(loss):
+                raise ConfigError(f"{name} step {step + 1}: the loss is {loss}; lower the learning rate in the "
+                                  f"config and start again (the last state in {folder / 'state'} is intact)")
+            recent = (recent + [(loss, first_part, second_part)])[-save_cfg.log_every:]
+            done = step + 1
+            if done % save_cfg.log_every == 0 or done == steps:
+                means = np.mean(recent, axis=0)
+                log_file.write(json.dumps({"step": done, "loss": means[0], "parts": means[1:].tolist(),
+                                           "seconds": round(time.perf_counter() - start, 1)}) + "\n")
+                log_file.flush()
+            if done % save_cfg.state_every == 0 or done == steps:
+                save_state(folder, done, step_cell.state_arrays(), {"stage": name}, config_text)
+                prune_states(folder, save_cfg.keep_states)
+    means = np.mean(recent, axis=0) if recent else np.full(3, np.nan)
+    return {"loss": float(means[0]), "part_1": float(means[1]), "part_2": float(means[2]),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def trainable_only(cells: Sequence, engine) -> list:
+    """Mark every parameter of ``cells`` trainable and every other parameter of ``engine`` frozen."""
+    chosen = {id(p) for cell in cells for p in cell.get_parameters()}
+    params = []
+    for param in engine.get_parameters():
+        param.requires_grad = id(param) in chosen
+        if param.requires_grad:
+            params.append(param)
+    return params
+
+
+# -- the stages ---------------------------------------------------------------------------------
+
+def train_vae(engine, pixels: np.ndarray, cfg, out: Path, config_text: str) -> Dict[str, float]:
+    from gm.models.autoencoder import AutoencoderLoss
+    from gm.optim import LRSchedule, build_optimizer
+    from gm.train_step import TrainStep
+
+    vae = engine.first_stage_model
+    params = trainable_only([vae], engine)
+    step = TrainStep(AutoencoderLoss(vae, cfg.vae.kl_weight),
+                     build_optimizer([{"params": params, "lr": cfg.vae.learning_rate,
+                                       "weight_decay": cfg.vae.weight_decay}]),
+                     max_grad_norm=cfg.vae.max_grad_norm)
+    latent = pixels.shape[2] // 8
+
+    def batch(i: int):
+        rng = np.random.default_rng([cfg.data.seed, 1, i])
+        idx = rng.integers(0, len(pixels), cfg.vae.batch_size)
+        return pixels[idx], rng.standard_normal((len(idx), vae.embed_dim, latent, latent), dtype=np.float32)
+
+    return run_stage("vae", out, step, batch, cfg.vae.steps, LRSchedule("constant", 0, cfg.vae.steps),
+                     cfg.save, config_text)
+
+
+def encode_all(engine, pixels: np.ndarray, chunk: int = 64) -> Tuple[np.ndarray, np.ndarray]:
+    """Posterior (mean, std) of every image, eagerly."""
+    from mindspore import Tensor
+
+    from gm.frozen_inputs import EncodeMoments, eager
+
+    encode = EncodeMoments(engine)
+    means, stds = [], []
+    with eager():
+        for start in range(0, len(pixels), chunk):
+            mean, std = encode(Tensor(pixels[start:start + chunk]))
+            means.append(mean.asnumpy())
+            stds.append(std.asnumpy())
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def fit_latent_scale(engine, pixels: np.ndarray) -> float:
+    """Rescale the trained VAE's latent space so that ``scale_factor`` x latents has unit std."""
+    from gm.models.autoencoder import rescale_latent_space
+
+    mean, std = encode_all(engine, pixels[:512])
+    spread = float(np.sqrt(np.mean(mean ** 2 + std ** 2)))  # std of a posterior sample (zero-mean assumed)
+    factor = 1.0 / (engine.scale_factor * spread)
+    rescale_latent_space(engine.first_stage_model, factor)
+    _logger.info("latent spread %.4f: VAE latent space rescaled by %.4f for scale_factor %.5f",
+                 spread, factor, engine.scale_factor)
+    return factor
+
+
+def conditioning_table(engine, captions: List[str], resolution: int) -> Tuple[Dict[str, int], np.ndarray,
+                                                                                np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct caption's (crossattn, vector), and the unconditional pair (text zeroed, as sampling's)."""
+    from gm.frozen_inputs import eager
+
+    distinct = sorted(set(captions))
+    size = np.array([[resolution, resolution]], np.float32)
+    crossattn, vector = [], []
+    with eager():
+        for start in range(0, len(distinct), 32):
+            part = distinct[start:start + 32]
+            batch = {"txt": part, "original_size_as_tuple": size, "crop_coords_top_left": np.zeros((1, 2), np.float32),
+                     "target_size_as_tuple": size}
+            cond, uncond = engine.conditioner.get_unconditional_conditioning(batch)
+            crossattn.append(cond["crossattn"].asnumpy())
+            vector.append(cond["vector"].asnumpy())
+        uncond_crossattn, uncond_vector = uncond["crossattn"].asnumpy()[:1], uncond["vector"].asnumpy()[:1]
+    index = {caption: i for i, caption in enumerate(distinct)}
+    return index, np.concatenate(crossattn), np.concatenate(vector), uncond_crossattn, uncond_vector
+
+
+def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, config_text: str) -> Dict[str, float]:
+    from gm.frozen_inputs import sample_latents
+    from gm.modules.diffusionmodules.loss import DreamBoothLoss, sample_noise_and_sigmas
+    from gm.optim import LRSchedule, build_optimizer, parameter_groups
+    from gm.train_step import TrainStep
+
+    mean, std = encode_all(engine, pixels)
+    index, crossattn, vector, uncond_crossattn, uncond_vector = conditioning_table(
+        engine, captions, cfg.data.resolution)
+    rows = np.array([index[c] for c in captions])
+    trainable_only([engine.model], engine)
+    u = cfg.unet
+    step = TrainStep(DreamBoothLoss(engine, with_prior_preservation=False),
+                     build_optimizer(parameter_groups(engine, learning_rate=u.learning_rate,
+                                                      weight_decay=u.weight_decay)),
+                     max_grad_norm=u.max_grad_norm)
+
+    def batch(i: int):
+        rng = np.random.default_rng([cfg.data.seed, 2, i])
+        idx = rng.integers(0, len(pixels), u.batch_size)
+        latents = sample_latents(mean[idx], std[idx], rng.standard_normal(mean[idx].shape, dtype=np.float32),
+                                 engine.scale_factor)
+        noise, sigmas = sample_noise_and_sigmas(rng, latents.shape, engine.denoiser)
+        drop = rng.random(len(idx)) < u.ucg_rate
+        ctx = np.where(drop[:, None, None], uncond_crossattn, crossattn[rows[idx]])
+        vec = np.where(drop[:, None], uncond_vector, vector[rows[idx]])
+        return latents, noise, sigmas, ctx.astype(np.float32), vec.astype(np.float32)
+
+    schedule = LRSchedule(u.lr_scheduler, u.lr_warmup_steps, u.steps)
+    return run_stage("unet", out, step, batch, u.steps, schedule, cfg.save, config_text)
+
+
+def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv: Sequence[str], seconds: float) -> None:
+    lines = [
+        "# sd_xl_toy_world: the tiny SDXL pretrained on the toy world",
+        "",
+        f"Model: `{cfg.model_config}` (SDXL topology at small width), official single-file names, "
+        f"{cfg.save.dtype}. Data: {cfg.data.num_images} photos of `gm.data.toy_world` at "
+        f"{cfg.data.resolution}x{cfg.data.resolution}, seed {cfg.data.seed} (classes toy, ball, cup, dog; "
+        "the DreamBooth subject, a red/yellow striped robot, never appears).",
+        "",
+        "| stage | steps | final loss (mean of the last steps) | parts | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        parts = f"reconstruction {r['part_1']:.4f}, KL {r['part_2']:.4f}" if name == "vae" else "-"
+        lines.append(f"| {name} | {cfg[name].steps} | {r['loss']:.4f} | {parts} | {r['seconds']} |")
+    lines += ["", f"Total time: {seconds / 3600:.2f} h. Reproduce (same machine type, same MindSpore) with:",
+              "", "```bash", "python tools/pretrain_toy_world.py " + " ".join(argv), "```", "",
+              "Config:", "", "```yaml", OmegaConf.to_yaml(cfg).rstrip(), "```", ""]
+    (out / "MODEL_CARD.md").write_text("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    cfg = load_pretrain_config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import mindspore as ms
+
+    from gm.checkpoint.load import engine_state, load_weights
+    from gm.checkpoint.save import save_weights
+    from gm.inference import set_mode
+    from gm.models.diffusion import build_engine
+
+    set_mode(ms.GRAPH_MODE, args.device_target)
+    started = time.perf_counter()
+    config_text = OmegaConf.to_yaml(cfg)
+    images, captions = world_photos(out, cfg.data.num_images, cfg.data.resolution, cfg.data.seed)
+    pixels = to_pixels(images)
+    ms.set_seed(cfg.data.seed)
+    engine = build_engine(REPO / cfg.model_config)
+    results = {}
+    vae_file = out / "vae" / "vae_rescaled.safetensors"
+    if vae_file.is_file():
+        load_weights(engine, vae_file)
+        _logger.info("vae: trained and rescaled weights from %s", vae_file)
+    else:
+        results["vae"] = train_vae(engine, pixels, cfg, out, config_text)
+        results["vae"]["latent_rescale"] = fit_latent_scale(engine, pixels)
+        vae = {k: v for k, v in engine_state(engine).items() if k.startswith("first_stage_model.")}
+        save_weights(vae.items(), vae_file)
+        (out / "vae" / "result.json").write_text(json.dumps(results["vae"]))
+    if "vae" not in results:
+        results["vae"] = json.loads((out / "vae" / "result.json").read_text())
+    results["unet"] = train_unet(engine, pixels, captions, cfg, out, config_text)
+    save_weights(engine_state(engine).items(), out / OUTPUT_NAME, cfg.save.dtype,
+                 metadata={"modelspec.title": "sd_xl_toy_world", "pretrain_config": json.dumps(
+                     OmegaConf.to_container(cfg, resolve=True))})
+    write_model_card(out, cfg, results, argv, time.perf_counter() - started)
+    _logger.info("wrote %s and %s", out / OUTPUT_NAME, out / "MODEL_CARD.md")
+
+
+if __name__ == "__main__":
+    run_cli(main)
