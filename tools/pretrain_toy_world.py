@@ -105,7 +105,8 @@ def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence],
 
     folder = out / name
     first = 0
-    good = [f for f in state_folders(folder) if verify_state(f) is None]
+    # The newest good state at or before ``steps``: a smaller step count ships an earlier state.
+    good = [f for f in state_folders(folder) if int(f.name.split("_")[-1]) <= steps and verify_state(f) is None]
     if good:
         state = load_state(good[-1])
         step_cell.load_state_arrays(state.arrays, str(state.path))
@@ -132,7 +133,12 @@ def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence],
             if done % save_cfg.state_every == 0 or done == steps:
                 save_state(folder, done, step_cell.state_arrays(), {"stage": name}, config_text)
                 prune_states(folder, save_cfg.keep_states)
-    means = np.mean(recent, axis=0) if recent else np.full(3, np.nan)
+    if recent:
+        means = np.mean(recent, axis=0)
+    else:  # resumed at the last step (e.g. to ship an earlier state with a smaller --unet_steps)
+        rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        last = [r for r in rows if r["step"] == steps]
+        means = [last[-1]["loss"], *last[-1]["parts"]] if last else [np.nan] * 3
     return {"loss": float(means[0]), "part_1": float(means[1]), "part_2": float(means[2]),
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -161,12 +167,19 @@ def train_vae(engine, pixels: np.ndarray, cfg, out: Path, config_text: str) -> D
                      build_optimizer([{"params": params, "lr": cfg.vae.learning_rate,
                                        "weight_decay": cfg.vae.weight_decay}]),
                      max_grad_norm=cfg.vae.max_grad_norm)
-    latent = pixels.shape[2] // 8
+    # The VAE is convolutional (its one attention layer works at any size): training on crops costs
+    # (crop / resolution)^2 of the full photos, as SD's VAE was trained at 256 and is used at 1024.
+    crop = int(cfg.vae.get("crop") or pixels.shape[2])
+    if crop % 8 or not 8 <= crop <= pixels.shape[2]:
+        raise ConfigError(f"vae.crop {crop}: must be a multiple of 8 from 8 to data.resolution {pixels.shape[2]}")
+    latent = crop // 8
 
     def batch(i: int):
         rng = np.random.default_rng([cfg.data.seed, 1, i])
         idx = rng.integers(0, len(pixels), cfg.vae.batch_size)
-        return pixels[idx], rng.standard_normal((len(idx), vae.embed_dim, latent, latent), dtype=np.float32)
+        corners = rng.integers(0, pixels.shape[2] - crop + 1, (len(idx), 2))
+        crops = np.stack([pixels[j, :, y:y + crop, x:x + crop] for j, (y, x) in zip(idx, corners)])
+        return crops, rng.standard_normal((len(idx), vae.embed_dim, latent, latent), dtype=np.float32)
 
     return run_stage("vae", out, step, batch, cfg.vae.steps, LRSchedule("constant", 0, cfg.vae.steps),
                      cfg.save, config_text)
@@ -199,6 +212,27 @@ def fit_latent_scale(engine, pixels: np.ndarray) -> float:
     _logger.info("latent spread %.4f: VAE latent space rescaled by %.4f for scale_factor %.5f",
                  spread, factor, engine.scale_factor)
     return factor
+
+
+def heldout_reconstruction(engine, images: np.ndarray, chunk: int = 32) -> Dict[str, float]:
+    """Mean absolute error (0-255 scale) and PSNR (dB) of the VAE's reconstruction (posterior mean)
+    of ``images``, uint8 (N, R, R, 3) photos the VAE never trained on."""
+    from mindspore import Tensor
+
+    from gm.frozen_inputs import eager
+
+    vae = engine.first_stage_model
+    errors = []
+    with eager():
+        for start in range(0, len(images), chunk):
+            part = images[start:start + chunk]
+            out = vae(Tensor(to_pixels(part))).asnumpy()
+            out = np.clip((out.transpose(0, 2, 3, 1) + 1.0) * 127.5, 0, 255)
+            errors.append(out - part.astype(np.float32))
+    errors = np.concatenate(errors)
+    mse = float(np.mean(errors ** 2))
+    return {"heldout_images": len(images), "heldout_mae_255": float(np.mean(np.abs(errors))),
+            "heldout_psnr_db": float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))}
 
 
 def conditioning_table(engine, captions: List[str], resolution: int) -> Tuple[Dict[str, int], np.ndarray,
@@ -267,7 +301,9 @@ def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv:
         "|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        parts = f"reconstruction {r['part_1']:.4f}, KL {r['part_2']:.4f}" if name == "vae" else "-"
+        parts = (f"reconstruction L1 {r['part_1']:.4f}, KL {r['part_2']:.4f}; held-out ({r['heldout_images']} "
+                 f"photos): MAE {r['heldout_mae_255']:.2f}/255, PSNR {r['heldout_psnr_db']:.2f} dB"
+                 if name == "vae" else "-")
         lines.append(f"| {name} | {cfg[name].steps} | {r['loss']:.4f} | {parts} | {r['seconds']} |")
     lines += ["", f"Total time: {seconds / 3600:.2f} h. Reproduce (same machine type, same MindSpore) with:",
               "", "```bash", "python tools/pretrain_toy_world.py " + " ".join(argv), "```", "",
@@ -292,7 +328,9 @@ def main(argv=None) -> None:
     set_mode(ms.GRAPH_MODE, args.device_target)
     started = time.perf_counter()
     config_text = OmegaConf.to_yaml(cfg)
-    images, captions = world_photos(out, cfg.data.num_images, cfg.data.resolution, cfg.data.seed)
+    count = cfg.data.num_images
+    images, captions = world_photos(out, count + cfg.data.heldout_images, cfg.data.resolution, cfg.data.seed)
+    images, captions, heldout = images[:count], captions[:count], images[count:]
     pixels = to_pixels(images)
     ms.set_seed(cfg.data.seed)
     engine = build_engine(REPO / cfg.model_config)
@@ -304,6 +342,8 @@ def main(argv=None) -> None:
     else:
         results["vae"] = train_vae(engine, pixels, cfg, out, config_text)
         results["vae"]["latent_rescale"] = fit_latent_scale(engine, pixels)
+        results["vae"].update(heldout_reconstruction(engine, heldout))  # photos num_images.. of the world
+        _logger.info("vae: held-out reconstruction %s", results["vae"])
         vae = {k: v for k, v in engine_state(engine).items() if k.startswith("first_stage_model.")}
         save_weights(vae.items(), vae_file)
         (out / "vae" / "result.json").write_text(json.dumps(results["vae"]))
