@@ -113,11 +113,34 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
         raise ConfigError(f"--class_data_path {args.class_data_path}: is the instance folder (or inside it); "
                           "generated class images would be trained on as photos of the subject -- give a separate "
                           "folder, e.g. class_images/dog")
+    if cfg.eval.toy_world_judge and not resolve_repo_path(cfg.eval.toy_world_judge).is_file():
+        raise ConfigError(f"--eval_toy_world_judge {cfg.eval.toy_world_judge}: no such file (give '' to skip the "
+                          "evaluation)")
+    base_weight(args, cfg)
     check_save_path(Path(args.save_path), resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite)
     if args.resume_from_checkpoint:
         from gm.train_state import find_state
 
         find_state(args.save_path, args.resume_from_checkpoint)  # exists and verifies; the config is compared later
+
+
+def base_weight(args: argparse.Namespace, cfg) -> Optional[str]:
+    """The base weights to load: --weight, else the config's ``weight`` (relative to the repo);
+    ``--weight none`` trains on a randomly initialised base."""
+    if args.weight:
+        return None if args.weight.lower() == "none" else args.weight
+    if not cfg.weight:
+        return None
+    path = Path(cfg.weight) if Path(cfg.weight).is_absolute() else REPO / cfg.weight
+    if not path.exists():
+        raise ConfigError(f"--config {args.config}: weight {cfg.weight} does not exist; give --weight FILE "
+                          "(or --weight none for a randomly initialised base)")
+    return str(path)
+
+
+def resolve_repo_path(path: str) -> Path:
+    """A config path: absolute, or relative to the repo (as base_config)."""
+    return Path(path) if Path(path).is_absolute() else REPO / path
 
 
 def _same_or_inside(path: str, folder: str) -> bool:
@@ -188,6 +211,7 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     from gm.checkpoint.lora import load_lora
     from gm.data.class_images import generate_class_images
     from gm.data.dreambooth import DreamBoothDataset
+    from gm.evaluation import before_after_grid, describe
     from gm.frozen_inputs import CachedInputs, FrozenInputs, latent_shape, release_frozen_modules
     from gm.inference import Sampler, save_images
     from gm.models.diffusion import build_engine
@@ -220,10 +244,13 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     # -- the model ------------------------------------------------------------------------------
     ms.set_seed(cfg.train.seed)  # every rank draws the same random initial weights (LoRA A, a random base)
     engine = build_engine(cfg.model)
-    if args.weight:
-        load_weights(engine, args.weight)
+    weight = base_weight(args, cfg)
+    if weight:
+        load_weights(engine, weight)
+        _logger.info("base model: %s", weight)
     else:
-        _logger.warning("no --weight given: training on a randomly initialised base (fine for the tiny default)")
+        _logger.warning("no base weights (--weight none or a config without one): training on a randomly "
+                        "initialised base")
     sampler = Sampler(engine)
     if with_prior:
         # as diffusers: class images in the training precision unless --prior_generation_precision says otherwise
@@ -276,13 +303,13 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
                                                          parallel.world_size)]
         frozen = CachedInputs(engine, dataset, [*positions, *probe_positions(dataset)], chunk=rows,
                               train_text_encoder=lora.text_encoder)
-        keep_sampling = bool(cfg.sampling.validation_prompt) or lora.text_encoder
+        keep_sampling = bool(cfg.sampling.validation_prompt) or lora.text_encoder or bool(cfg.eval.toy_world_judge)
         released = release_frozen_modules(engine, keep_sampling=keep_sampling)
         _logger.info("released %.1f M frozen parameters no longer needed after caching", released / 1e6)
     else:
         frozen = FrozenInputs(engine, train_text_encoder=lora.text_encoder)
     writer = CheckpointWriter(save_path / "checkpoints", keep=cfg.train.max_num_ckpt, enabled=parallel.is_main,
-                              metadata={"base_model": args.weight or "random-init", "config": args.config,
+                              metadata={"base_model": weight or "random-init", "config": args.config,
                                         "instance_prompt": args.instance_prompt,
                                         "resolution": cfg.data.resolution,
                                         "max_train_steps": cfg.train.max_train_steps},
@@ -316,6 +343,11 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     timings["probe_s"] = round(time.perf_counter() - start_time - timings["build_s"] - timings["frozen_inputs_s"], 2)
     if loss_before is not None:
         _logger.info("fixed-noise instance loss before training: %.6f", loss_before)
+    evaluation = subject_evaluation(args, cfg, dataset) if parallel.is_main else None
+    evaluated_before = None
+    if evaluation is not None:
+        train_step.set_train(False)
+        evaluated_before = evaluate_before(evaluation, sampler, save_path)
 
     # -- the loop -------------------------------------------------------------------------------
     phases = {"data_s": [], "frozen_s": [], "step_s": []}  # host batch + draws, VAE/text (or lookup), train step
@@ -382,6 +414,15 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     loss_after = probe()
     if loss_after is not None:
         _logger.info("fixed-noise instance loss after training: %.6f (before: %.6f)", loss_after, loss_before)
+    evaluated = None
+    if evaluation is not None:
+        engine.set_train(False)
+        train_step.set_train(False)
+        report, images = evaluation.run(sampler)
+        before_report, before_images = evaluated_before
+        before_after_grid(before_images, images, save_path / "before_after.png")
+        evaluated = {"before": before_report, "after": report}
+        _logger.info("evaluation (before -> after training): %s", describe(before_report, report))
     digests = check_ranks_agree(parallel, parameters_bytes(lora_params), "the trained LoRA weights")
     _logger.info("trained LoRA identical on all %d ranks (sha256 %s)", parallel.world_size, digests[0][:16])
     if log is not None:
@@ -390,8 +431,45 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
                    "skipped_steps": skipped["total"], "latest_lora": str(writer.latest),
                    "fixed_noise_instance_loss_before": loss_before, "fixed_noise_instance_loss_after": loss_after,
                    "world_size": parallel.world_size, "lora_sha256_per_rank": digests,
-                   "cached_inputs": frozen.cached, "timings": {**timings, **_median_phases(phases)}}
+                   "cached_inputs": frozen.cached, "timings": {**timings, **_median_phases(phases)},
+                   "evaluation": evaluated}
         atomic_write_text(save_path / "summary.json", json.dumps(summary, indent=2))
+
+
+def subject_evaluation(args: argparse.Namespace, cfg, dataset):
+    """The before/after evaluation of ``cfg.eval`` (None when no judge is configured)."""
+    from PIL import Image
+
+    from gm.evaluation import SubjectEvaluation
+    from gm.metrics.toy_world import ToyWorldJudge
+
+    e = cfg.eval
+    if not e.toy_world_judge:
+        return None
+    real = [Image.open(path).convert("RGB") for path in dataset.instance_paths]
+    return SubjectEvaluation(ToyWorldJudge.load(resolve_repo_path(e.toy_world_judge)), real, args.instance_prompt,
+                             list(e.subject_prompt_suffixes), args.class_prompt or f"a photo of a {e.class_label}",
+                             e.class_label, e.num_images, e.batch_size, sampling_options(cfg, cfg.train.seed))
+
+
+def evaluate_before(evaluation, sampler, save_path: Path):
+    """The base model's report and images, kept in --save_path/eval_before.npz so that a resumed run
+    (whose LoRA is no longer zero) compares against the same "before"."""
+    import numpy as np
+
+    from gm.evaluation import EvaluationImages
+
+    cache = save_path / "eval_before.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        return json.loads(str(data["report"])), EvaluationImages(data["subject"], data["klass"])
+    report, images = evaluation.run(sampler)
+    save_path.mkdir(parents=True, exist_ok=True)
+    tmp = save_path / "eval_before.tmp.npz"
+    np.savez(tmp, report=json.dumps(report), subject=images.subject, klass=images.klass)
+    tmp.replace(cache)
+    _logger.info("evaluation of the base model: %s", ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    return report, images
 
 
 @contextlib.contextmanager

@@ -186,14 +186,35 @@ class SamplingSection:
 
 
 @dataclass
+class EvalSection:
+    """Whether the subject was learned and the class kept: images of the subject prompts and of the
+    class prompt, sampled before training and at the end (same seeds), read by a judge."""
+
+    # gm.metrics.toy_world's judge file (the tiny default's toy world); '' or None: no evaluation
+    toy_world_judge: Optional[str] = setting(
+        None, flag="eval_toy_world_judge", resumable=True,
+        help="toy-world judge .safetensors: subject fidelity and class diversity before/after training ('' for none)")
+    class_label: str = setting("toy", resumable=True, check=Check(bool, "must name the class the judge knows"))
+    # each: the instance prompt, then a scene ("a photo of sks toy" + " on a beach")
+    subject_prompt_suffixes: List[str] = setting(["on a beach", "on a lawn", "on a wooden table",
+                                                  "on a checkered tablecloth"], resumable=True)
+    num_images: int = setting(16, flag="eval_num_images", check=at_least(2), resumable=True,
+                              help="images per evaluation set (subject prompts, class prompt)")
+    batch_size: int = setting(4, check=_POSITIVE, resumable=True)
+
+
+@dataclass
 class TrainingConfig:
     base_config: str = "configs/inference/sd_xl_base.yaml"
     model: Any = None
+    # the base weights used when --weight is not given (relative to the repo or absolute; '' = none)
+    weight: str = ""
     lora: LoraSection = field(default_factory=LoraSection)
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 @dataclass(frozen=True)

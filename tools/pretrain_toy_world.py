@@ -36,6 +36,7 @@ from gm.errors import ConfigError  # noqa: E402
 _logger = logging.getLogger("gm.pretrain")
 DEFAULT_CONFIG = REPO / "configs" / "pretrain" / "toy_world.yaml"
 OUTPUT_NAME = "sd_xl_toy_world.safetensors"
+JUDGE_NAME = "toy_world_judge.safetensors"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--unet_steps", type=int, help="override unet.steps")
     parser.add_argument("--num_images", type=int, help="override data.num_images")
     parser.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    parser.add_argument("--ms_mode", type=int, default=0, choices=[0, 1], help="0: graph mode, 1: PyNative")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override any config value, e.g. --set quality.images_per_class=8 judge.epochs=10")
     return parser.parse_args(argv)
 
 
@@ -54,6 +58,11 @@ def load_pretrain_config(args: argparse.Namespace):
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     cfg = OmegaConf.load(path)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or OmegaConf.select(cfg, key) is None:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE with a KEY of {path}")
+        OmegaConf.update(cfg, key, yaml_value(value))
     for flag, key in (("vae_steps", "vae.steps"), ("unet_steps", "unet.steps"), ("num_images", "data.num_images")):
         value = getattr(args, flag)
         if value is not None:
@@ -61,6 +70,13 @@ def load_pretrain_config(args: argparse.Namespace):
                 raise ConfigError(f"--{flag} {value}: must be >= 1")
             OmegaConf.update(cfg, key, value)
     return cfg
+
+
+def yaml_value(text: str):
+    """``--set`` values are read as YAML scalars: 8 -> int, 1e-3 -> float, true -> bool."""
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 # -- the data -----------------------------------------------------------------------------------
@@ -288,6 +304,56 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, 
     return run_stage("unet", out, step, batch, u.steps, schedule, cfg.save, config_text)
 
 
+def train_judge(cfg, out: Path) -> Dict[str, float]:
+    """Train the toy world's judge (``gm.metrics.toy_world``) on its own photos and score it on
+    photos of yet another seed; writes ``out/JUDGE_NAME``."""
+    from gm.metrics.toy_world import HEADS, ToyWorldJudge, judge_photos
+
+    j = cfg.judge
+    images, targets = judge_photos(j.photos_per_label, j.seed)
+    judge = ToyWorldJudge.fit(images, targets, hidden=j.hidden, epochs=j.epochs, seed=j.seed)
+    judge.save(out / JUDGE_NAME)
+    test_images, test_targets = judge_photos(j.test_photos_per_label, j.test_seed)
+    result = {f"{head}_accuracy": float(np.mean(judge.predict(test_images, head) ==
+                                                np.array(names)[test_targets[:, k]]))
+              for k, (head, names) in enumerate(HEADS.items())}
+    result["test_photos"] = len(test_images)
+    _logger.info("judge: held-out accuracy %s", result)
+    return result
+
+
+def base_quality(engine, cfg, out: Path) -> Dict[str, object]:
+    """Sample ``quality.images_per_class`` images of "a photo of a <class>" for every class and read
+    them with the judge: the share recognised as their class. Writes ``out/base_samples.png``."""
+    from gm.data.toy_world import CLASSES
+    from gm.inference import Sampler, SamplingOptions, make_grid
+    from gm.metrics.toy_world import ToyWorldJudge
+
+    q = cfg.quality
+    judge = ToyWorldJudge.load(out / JUDGE_NAME)
+    sampler = Sampler(engine)
+    engine.set_train(False)
+    result: Dict[str, object] = {"images_per_class": q.images_per_class, "sampler": q.sampler,
+                                 "num_steps": q.num_steps, "guidance_scale": q.guidance_scale}
+    grid_rows = []
+    for k, cls in enumerate(CLASSES):
+        images = []
+        for start in range(0, q.images_per_class, q.batch_size):
+            options = SamplingOptions(sampler=q.sampler, num_steps=q.num_steps, guidance_scale=q.guidance_scale,
+                                      height=cfg.data.resolution, width=cfg.data.resolution,
+                                      seed=q.seed + 1000 * k + start)
+            count = min(q.batch_size, q.images_per_class - start)
+            images.append(sampler([f"a photo of a {cls}"] * count, options))
+        images = np.concatenate(images)
+        result[f"{cls}_accuracy"] = judge.accuracy(images, cls)
+        result[f"{cls}_diversity"] = judge.diversity(images)
+        grid_rows.append(images[:8])
+    result["mean_accuracy"] = float(np.mean([result[f"{c}_accuracy"] for c in CLASSES]))
+    make_grid(np.concatenate(grid_rows), cols=8).save(out / "base_samples.png")
+    _logger.info("base model: class-prompt samples read by the judge %s", result)
+    return result
+
+
 def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv: Sequence[str], seconds: float) -> None:
     lines = [
         "# sd_xl_toy_world: the tiny SDXL pretrained on the toy world",
@@ -300,11 +366,25 @@ def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv:
         "| stage | steps | final loss (mean of the last steps) | parts | seconds |",
         "|---|---|---|---|---|",
     ]
-    for name, r in results.items():
+    for name in ("vae", "unet"):
+        r = results[name]
         parts = (f"reconstruction L1 {r['part_1']:.4f}, KL {r['part_2']:.4f}; held-out ({r['heldout_images']} "
                  f"photos): MAE {r['heldout_mae_255']:.2f}/255, PSNR {r['heldout_psnr_db']:.2f} dB"
                  if name == "vae" else "-")
         lines.append(f"| {name} | {cfg[name].steps} | {r['loss']:.4f} | {parts} | {r['seconds']} |")
+    judge, quality = results["judge"], results["quality"]
+    lines += ["", f"Judge (`{JUDGE_NAME}`, `gm.metrics.toy_world`): held-out accuracy on {judge['test_photos']} "
+              f"photos: label {judge['label_accuracy']:.3f}, colour {judge['colour_accuracy']:.3f}, "
+              f"pattern {judge['pattern_accuracy']:.3f}.", "",
+              f"Base model quality: {quality['images_per_class']} samples per class prompt \"a photo of a "
+              f"<class>\" ({quality['sampler']}, {quality['num_steps']} steps, guidance "
+              f"{quality['guidance_scale']}), read by the judge (`base_samples.png`: 8 per class, one row each):",
+              "", "| class | recognised as the class | diversity |", "|---|---|---|"]
+    from gm.data.toy_world import CLASSES
+
+    for cls in CLASSES:
+        lines.append(f"| {cls} | {quality[cls + '_accuracy']:.3f} | {quality[cls + '_diversity']:.3f} |")
+    lines.append(f"| mean | {quality['mean_accuracy']:.3f} | |")
     lines += ["", f"Total time: {seconds / 3600:.2f} h. Reproduce (same machine type, same MindSpore) with:",
               "", "```bash", "python tools/pretrain_toy_world.py " + " ".join(argv), "```", "",
               "Config:", "", "```yaml", OmegaConf.to_yaml(cfg).rstrip(), "```", ""]
@@ -325,7 +405,7 @@ def main(argv=None) -> None:
     from gm.inference import set_mode
     from gm.models.diffusion import build_engine
 
-    set_mode(ms.GRAPH_MODE, args.device_target)
+    set_mode(args.ms_mode, args.device_target)
     started = time.perf_counter()
     config_text = OmegaConf.to_yaml(cfg)
     count = cfg.data.num_images
@@ -350,6 +430,10 @@ def main(argv=None) -> None:
     if "vae" not in results:
         results["vae"] = json.loads((out / "vae" / "result.json").read_text())
     results["unet"] = train_unet(engine, pixels, captions, cfg, out, config_text)
+    if not (out / JUDGE_NAME).is_file() or not (out / "judge.json").is_file():
+        (out / "judge.json").write_text(json.dumps(train_judge(cfg, out)))
+    results["judge"] = json.loads((out / "judge.json").read_text())
+    results["quality"] = base_quality(engine, cfg, out)
     save_weights(engine_state(engine).items(), out / OUTPUT_NAME, cfg.save.dtype,
                  metadata={"modelspec.title": "sd_xl_toy_world", "pretrain_config": json.dumps(
                      OmegaConf.to_container(cfg, resolve=True))})

@@ -61,6 +61,8 @@ def place(tmp_path):
                                               "train:\n  max_train_steps: many\n")
     (tmp_path / "heun.yaml").write_text("base_config: configs/inference/sd_xl_tiny.yaml\n"
                                         "sampling:\n  sampler: Heun\n")
+    (tmp_path / "no_weight.yaml").write_text("base_config: configs/inference/sd_xl_tiny.yaml\n"
+                                             "weight: weights/nowhere.safetensors\n")
     np.savez(tmp_path / "latents.npz", a=np.zeros((1, 4, 8, 8), np.float32))
     (tmp_path / "not_image.png").write_text("hello")
     (tmp_path / "zero.safetensors").write_bytes(b"")
@@ -124,6 +126,11 @@ CASES = [  # (id, argv with {p} = the place, text the one error line must hold)
     ("yaml_wrong_type", _train(["--config", "{p}/wrong_type.yaml"]), "--config {p}/wrong_type.yaml"),
     ("yaml_sampler", _train(["--config", "{p}/heun.yaml"]), "sampling.sampler Heun: expected one of"),
     ("config_missing", _train(["--config", "{p}/nowhere.yaml"]), "--config {p}/nowhere.yaml: no such file"),
+    ("config_weight_missing", _train(["--config", "{p}/no_weight.yaml"]),
+     "--config {p}/no_weight.yaml: weight weights/nowhere.safetensors does not exist; give --weight FILE"),
+    ("eval_judge_missing", _train(["--eval_toy_world_judge", "{p}/none.safetensors"]),
+     "--eval_toy_world_judge {p}/none.safetensors: no such file"),
+    ("eval_images", _train(["--eval_num_images", "1"]), "--eval_num_images 1: must be >= 2"),
     ("lora_format", _train(["--lora_format", "onnx"]), "--lora_format onnx: expected one of kohya, diffusers, gm"),
     ("save_precision", _train(["--save_precision", "fp8"]), "--save_precision fp8: expected one of fp32, fp16, bf16"),
     ("init_lora_missing", _train(["--init_lora", "{p}/none.safetensors"]), "--init_lora {p}/none.safetensors"),

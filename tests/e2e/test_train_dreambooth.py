@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gm.metrics.toy_world import ToyWorldJudge, judge_photos
+
 DOG = Path(__file__).resolve().parents[3] / "shared" / "data" / "dreambooth" / "dog"
 CONFIG = "configs/training/sd_xl_tiny_dreambooth_lora.yaml"
 STEPS, INTERVAL, NUM_CLASS = 30, 10, 3
 # measured: 1.3007 -> 1.1949 (-8.1%) over the 30 steps (probe of 5 rows, 2026-12-01); the test asserts -5%
 MIN_RELATIVE_DROP = 0.05
+EVAL_IMAGES = 4
 
 
 def _run(args, cwd, timeout=1200):
@@ -33,15 +36,20 @@ def run(tiny_weights, tmp_path_factory):
     kept = class_dir / "mine.jpg"
     shutil.copy(DOG / "00.jpg", kept)  # an image already there is kept and counted
     save = root / "run"
+    images, targets = judge_photos(40, seed=3)  # a quick judge: this test checks the evaluation's plumbing
+    judge = root / "judge.safetensors"
+    ToyWorldJudge.fit(images, targets, epochs=5).save(judge)
     result = _run(["train_dreambooth.py", "--config", CONFIG, "--weight", str(tiny_weights.single_file),
                    "--instance_data_path", str(DOG), "--instance_prompt", "a photo of sks dog",
                    "--class_data_path", str(class_dir), "--class_prompt", "a photo of a dog",
                    "--num_class_images", str(NUM_CLASS), "--sample_batch_size", "2",
                    "--max_train_steps", str(STEPS), "--learning_rate", "5e-3", "--save_ckpt_interval", str(INTERVAL),
-                   "--max_num_ckpt", "2", "--validation_steps", str(STEPS), "--save_path", str(save)],
+                   "--max_num_ckpt", "2", "--validation_steps", str(STEPS), "--save_path", str(save),
+                   "--eval_toy_world_judge", str(judge), "--eval_num_images", str(EVAL_IMAGES)],
                   cwd=tiny_weights.config.parents[2])
     assert result.returncode == 0, result.stderr[-4000:]
-    return {"save": save, "class_dir": class_dir, "kept": kept, "root": root, "stderr": result.stderr}
+    return {"save": save, "class_dir": class_dir, "kept": kept, "root": root, "stderr": result.stderr,
+            "judge": judge}
 
 
 def test_class_images_topped_up_and_training_continues(run):
@@ -66,6 +74,25 @@ def test_training_lowers_the_fixed_noise_instance_loss(run):
     assert set(timings) >= {"build_s", "frozen_inputs_s", "probe_s", "first_step_s", "median_data_s",
                             "median_frozen_s", "median_step_s"}
     assert 0 < timings["build_s"] < timings["first_step_s"]
+
+
+def test_evaluation_reads_the_base_and_the_trained_model_with_the_same_seeds(run):
+    summary = json.loads((run["save"] / "summary.json").read_text())
+    before, after = summary["evaluation"]["before"], summary["evaluation"]["after"]
+    assert set(before) == set(after) >= {"subject_fidelity", "real_subject_fidelity", "class_diversity",
+                                         "class_accuracy", "class_as_subject", "subject_recognised"}
+    # the "before" numbers are the judge's reading of the base model's images kept in the run folder
+    kept = np.load(run["save"] / "eval_before.npz")
+    judge = ToyWorldJudge.load(run["judge"])
+    real = [Image.open(p) for p in sorted(DOG.glob("*.jpg"))]
+    assert kept["subject"].shape == kept["klass"].shape == (EVAL_IMAGES, 64, 64, 3)
+    assert before["subject_fidelity"] == pytest.approx(judge.subject_fidelity(kept["subject"], real), rel=1e-6)
+    assert before["class_diversity"] == pytest.approx(judge.diversity(kept["klass"]), rel=1e-6)
+    assert before["real_subject_fidelity"] == after["real_subject_fidelity"]
+    assert after["subject_fidelity"] != before["subject_fidelity"]  # the trained LoRA changed the images
+    grid = Image.open(run["save"] / "before_after.png")
+    assert grid.size == (64 * EVAL_IMAGES, 64 * 4)  # subject before/after, class before/after
+    assert np.array_equal(np.asarray(grid)[:64], np.concatenate(list(kept["subject"]), axis=1))
 
 
 def test_checkpoints_rotate_and_config_is_saved(run):

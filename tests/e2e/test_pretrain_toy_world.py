@@ -1,0 +1,68 @@
+"""tools/pretrain_toy_world.py at toy scale (PyNative, a few steps of each stage): it writes an
+official-layout fp16 single file that loads into the tiny model, a judge and a model card; a
+rerun resumes instead of retraining, and a smaller --unet_steps ships that earlier state."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "inference" / "sd_xl_tiny.yaml"
+SMALL = ["--ms_mode", "1", "--num_images", "8", "--vae_steps", "2", "--set", "data.heldout_images=4",
+         "vae.batch_size=2", "unet.batch_size=2", "save.state_every=2", "save.log_every=1",
+         "judge.photos_per_label=12", "judge.test_photos_per_label=4", "judge.epochs=2",
+         "quality.images_per_class=2", "quality.batch_size=2", "quality.num_steps=2"]
+
+
+def _pretrain(out, unet_steps):
+    return subprocess.run([sys.executable, "tools/pretrain_toy_world.py", "--out", str(out), *SMALL,
+                           "--unet_steps", str(unet_steps)], cwd=REPO, capture_output=True, text=True, timeout=1500)
+
+
+def _tensors(path, prefix=""):
+    with safe_open(str(path), "np") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_world")
+    result = _pretrain(out, 3)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_the_result_is_an_official_single_file_of_the_tiny_model(pretrained):
+    from gm.checkpoint.load import engine_state, load_weights
+    from gm.models.diffusion import build_engine
+
+    engine = build_engine(TINY)
+    expected = {k: v.shape for k, v in engine_state(engine).items()}
+    written = _tensors(pretrained / "sd_xl_toy_world.safetensors")
+    assert {k: v.shape for k, v in written.items()} == expected
+    assert {v.dtype for v in written.values()} == {np.dtype(np.float16)}
+    load_weights(engine, pretrained / "sd_xl_toy_world.safetensors")
+    loaded = engine_state(engine)
+    name = "model.diffusion_model.out.2.weight"
+    assert np.array_equal(loaded[name].astype(np.float16), written[name])
+    card = (pretrained / "MODEL_CARD.md").read_text()
+    for text in ("| vae | 2 |", "| unet | 3 |", "held-out (4 photos)", "Base model quality", "| mean |",
+                 f"python tools/pretrain_toy_world.py --out {pretrained}"):
+        assert text in card, text
+    assert (pretrained / "toy_world_judge.safetensors").is_file() and (pretrained / "base_samples.png").is_file()
+
+
+def test_a_rerun_resumes_and_a_smaller_step_count_ships_that_state(pretrained):
+    result = _pretrain(pretrained, 2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "vae: trained and rescaled weights from" in result.stderr
+    assert "unet: resuming from" in result.stderr and "step_000002" in result.stderr
+    state = _tensors(pretrained / "unet" / "state" / "step_000002" / "train_state.safetensors", "model.diffusion_model.")
+    shipped = _tensors(pretrained / "sd_xl_toy_world.safetensors", "model.diffusion_model.")
+    assert state.keys() == shipped.keys()
+    assert all(np.array_equal(state[k].astype(np.float16), shipped[k]) for k in state)
+    assert "| unet | 2 |" in (pretrained / "MODEL_CARD.md").read_text()
