@@ -61,7 +61,8 @@ def test_a_rerun_resumes_and_a_smaller_step_count_ships_that_state(pretrained):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "vae: trained and rescaled weights from" in result.stderr
     assert "unet: resuming from" in result.stderr and "step_000002" in result.stderr
-    state = _tensors(pretrained / "unet" / "state" / "step_000002" / "train_state.safetensors", "model.diffusion_model.")
+    state_file = pretrained / "unet" / "state" / "step_000002" / "train_state.safetensors"
+    state = _tensors(state_file, "model.diffusion_model.")
     shipped = _tensors(pretrained / "sd_xl_toy_world.safetensors", "model.diffusion_model.")
     assert state.keys() == shipped.keys()
     assert all(np.array_equal(state[k].astype(np.float16), shipped[k]) for k in state)
