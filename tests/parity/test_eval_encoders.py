@@ -1,0 +1,127 @@
+"""The evaluation models against transformers (the reference), at small width with random weights
+written by the test: CLIP image and text embeddings, DINO ViT class-token embeddings, and the
+image preprocessing of CLIPImageProcessor / ViTImageProcessor (PIL backends) on odd sizes and
+non-RGB modes. Both from a model folder and from the bare .safetensors file."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gm.metrics.preprocess import ImagePreprocessor
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil  # noqa: E402
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SIZE = 32  # the test models' image size (patch 8: 16 patches + the class token)
+REL = 1e-4
+
+
+def _odd_images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (301, 257, 3), dtype=np.uint8)),
+            Image.fromarray(rng.integers(0, 256, (100, 421, 4), dtype=np.uint8), "RGBA"),
+            Image.fromarray(rng.integers(0, 256, (47, 46), dtype=np.uint8), "L"),
+            Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).convert("P"),
+            Image.fromarray(rng.integers(0, 256, (150, 90, 3), dtype=np.uint8)).convert("CMYK")]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_clip_preprocessing_is_the_image_processors(index):
+    image = _odd_images()[index]
+    expected = CLIPImageProcessorPil()(images=image, return_tensors="np")["pixel_values"][0]
+    assert np.array_equal(ImagePreprocessor.clip()([image])[0], expected)
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_vit_preprocessing_is_the_image_processors(index, tmp_path):
+    image = _odd_images()[index]
+    if image.mode == "RGB":  # the processor's own defaults (it cannot take other modes without conversion)
+        expected = ViTImageProcessorPil()(images=image, return_tensors="np")["pixel_values"][0]
+        assert np.array_equal(ImagePreprocessor.vit()([image])[0], expected)
+    # dino-vits16's preprocessor_config.json: a plain size, bilinear, ImageNet statistics (+ RGB conversion)
+    ViTImageProcessorPil(size=224, resample=2, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                         do_convert_rgb=True).save_pretrained(tmp_path)
+    reference = ViTImageProcessorPil.from_pretrained(tmp_path)
+    expected = reference(images=image, return_tensors="np")["pixel_values"][0]
+    ours = ImagePreprocessor.from_folder(tmp_path, ImagePreprocessor.vit())
+    assert np.array_equal(ours([image])[0], expected)
+
+
+def _images(n):
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 50 - 3 * i, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def _close(ours, theirs):
+    assert ours.shape == theirs.shape
+    assert np.max(np.abs(ours - theirs)) <= REL * np.max(np.abs(theirs)), np.max(np.abs(ours - theirs))
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1, "intermediate_size": 96,
+                     "vocab_size": 49408, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "intermediate_size": 160, "image_size": SIZE, "patch_size": 8},
+        projection_dim=48)
+    model = CLIPModel(config).eval()
+    folder = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(
+        folder)
+    return folder, model
+
+
+def test_clip_image_and_text_embeddings_match_transformers(clip_folder):
+    from gm.metrics.encoders import ClipEvaluator
+
+    folder, model = clip_folder
+    ours = ClipEvaluator(folder)
+    images = _images(3)
+    pixels = CLIPImageProcessorPil.from_pretrained(folder)(images=images, return_tensors="pt")["pixel_values"]
+    prompts = ["a photo of sks dog", "a dog in a bucket", "x"]
+    ids = torch.tensor(ours.tokenizer(prompts), dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels)
+    _close(ours.image_embeds(images), out.image_embeds.numpy())
+    _close(ours.text_embeds(prompts), out.text_embeds.numpy())
+    # the bare weights file: the architecture read off the shapes, the processor's defaults
+    bare = ClipEvaluator(folder / "model.safetensors")
+    assert bare.preprocess == ImagePreprocessor.clip()
+    _close(bare.text_embeds(prompts), out.text_embeds.numpy())
+
+
+@pytest.fixture(scope="module")
+def dino_folder(tmp_path_factory):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=160,
+                       image_size=SIZE, patch_size=8)
+    model = ViTModel(config).eval()
+    folder = tmp_path_factory.mktemp("dino")
+    model.save_pretrained(folder, safe_serialization=True)
+    ViTImageProcessorPil(size=SIZE, resample=2, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(
+        folder)
+    return folder, model
+
+
+def test_dino_embeddings_match_transformers(dino_folder):
+    from gm.metrics.encoders import DinoEvaluator
+
+    folder, model = dino_folder
+    images = _images(3)
+    pixels = ViTImageProcessorPil.from_pretrained(folder)(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        cls = model(pixel_values=pixels).last_hidden_state[:, 0].numpy()
+    expected = cls / np.linalg.norm(cls, axis=1, keepdims=True)
+    _close(DinoEvaluator(folder).image_embeds(images), expected)
+    _close(DinoEvaluator(folder / "model.safetensors").model(
+        __import__("mindspore").Tensor(pixels.numpy())).asnumpy(), cls)
