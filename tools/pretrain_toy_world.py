@@ -354,6 +354,19 @@ def base_quality(engine, cfg, out: Path) -> Dict[str, object]:
     return result
 
 
+def load_vae(engine, path: Path) -> None:
+    """The VAE weights the first stage saved (official names, ``first_stage_model.*`` only)."""
+    from safetensors import safe_open
+
+    from gm.checkpoint.load import assign_parameters, engine_state
+
+    expected = {k for k in engine_state(engine) if k.startswith("first_stage_model.")}
+    with safe_open(str(path), "np") as f:
+        if set(f.keys()) != expected:
+            raise ConfigError(f"{path}: not this config's VAE weights; delete it to retrain the VAE stage")
+        assign_parameters(engine, ((k, f.get_tensor(k)) for k in sorted(expected)))
+
+
 def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv: Sequence[str], seconds: float) -> None:
     lines = [
         "# sd_xl_toy_world: the tiny SDXL pretrained on the toy world",
@@ -400,7 +413,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     import mindspore as ms
 
-    from gm.checkpoint.load import engine_state, load_weights
+    from gm.checkpoint.load import engine_state
     from gm.checkpoint.save import save_weights
     from gm.inference import set_mode
     from gm.models.diffusion import build_engine
@@ -417,7 +430,7 @@ def main(argv=None) -> None:
     results = {}
     vae_file = out / "vae" / "vae_rescaled.safetensors"
     if vae_file.is_file():
-        load_weights(engine, vae_file)
+        load_vae(engine, vae_file)
         _logger.info("vae: trained and rescaled weights from %s", vae_file)
     else:
         results["vae"] = train_vae(engine, pixels, cfg, out, config_text)

@@ -26,8 +26,8 @@ HEAD_WIDTH = 64
 def _weights_file(path: Path, what: str) -> Path:
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ConfigError(f"--{what} {path}: expected a .safetensors file or a model folder (a torch .bin "
-                              "needs converting: safetensors' convert script, or save_pretrained(safe_serialization=True))")
+            raise ConfigError(f"--{what} {path}: expected a .safetensors file or a model folder (convert a torch "
+                              ".bin first, e.g. save_pretrained(folder, safe_serialization=True))")
         return path
     if not path.is_dir():
         raise ConfigError(f"--{what} {path}: no such file or folder")

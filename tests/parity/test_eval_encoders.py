@@ -125,3 +125,66 @@ def test_dino_embeddings_match_transformers(dino_folder):
     _close(DinoEvaluator(folder).image_embeds(images), expected)
     _close(DinoEvaluator(folder / "model.safetensors").model(
         __import__("mindspore").Tensor(pixels.numpy())).asnumpy(), cls)
+
+
+def test_eval_tool_reports_the_papers_metrics_from_transformers_embeddings(clip_folder, dino_folder, tmp_path):
+    """tools/eval_dreambooth.py end to end; expected numbers from the transformers models and plain loops."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import PngImagePlugin
+
+    (clip_path, clip_model), (dino_path, dino_model) = clip_folder, dino_folder
+    generated, subject = tmp_path / "generated", tmp_path / "subject"
+    generated.mkdir()
+    subject.mkdir()
+    prompts = ["a sks dog on the beach", "a sks dog on the beach", "a red sks dog"]
+    for i, (image, prompt) in enumerate(zip(_images(3), prompts)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("prompt", prompt)
+        image.save(generated / f"{i:05d}.png", pnginfo=info)
+    for i, image in enumerate(_odd_images()[:2]):
+        image.convert("RGB").save(subject / f"{i}.jpg", quality=95)
+    out = tmp_path / "metrics.json"
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "tools/eval_dreambooth.py", "--images", str(generated), "--subject",
+                             str(subject), "--clip", str(clip_path), "--dino", str(dino_path), "--json", str(out)],
+                            cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(out.read_text())
+
+    gen = [Image.open(p).convert("RGB") for p in sorted(generated.iterdir())]
+    real = [Image.open(p) for p in sorted(subject.iterdir())]
+    clip_proc = CLIPImageProcessorPil.from_pretrained(clip_path)
+    dino_proc = ViTImageProcessorPil.from_pretrained(dino_path)
+    from gm.metrics.encoders import ClipEvaluator
+
+    ids = torch.tensor(ClipEvaluator(clip_path).tokenizer(prompts), dtype=torch.long)
+    with torch.no_grad():
+        def clip_image(images):
+            pixels = clip_proc(images=images, return_tensors="pt")["pixel_values"]
+            return clip_model(input_ids=ids[:1], pixel_values=pixels).image_embeds.numpy()
+
+        def dino(images):
+            pixels = dino_proc(images=images, return_tensors="pt")["pixel_values"]
+            return dino_model(pixel_values=pixels).last_hidden_state[:, 0].numpy()
+
+        text = clip_model(input_ids=ids, pixel_values=clip_proc(images=gen[:1], return_tensors="pt")[
+            "pixel_values"]).text_embeds.numpy()
+        g_clip, r_clip, g_dino, r_dino = clip_image(gen), clip_image(real), dino(gen), dino(real)
+
+    def cos(u, v):
+        return float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+    def mean_pairs(a, b):
+        return sum(cos(x, y) for x in a for y in b) / (len(a) * len(b))
+
+    assert got["dino"] == pytest.approx(mean_pairs(g_dino, r_dino), abs=1e-4)
+    assert got["clip_i"] == pytest.approx(mean_pairs(g_clip, r_clip), abs=1e-4)
+    assert got["clip_t"] == pytest.approx(np.mean([cos(g_clip[i], text[i]) for i in range(3)]), abs=1e-4)
+    beach = next(row for row in got["per_prompt"] if row["prompt"] == prompts[0])
+    assert beach["images"] == 2
+    assert beach["dino"] == pytest.approx(mean_pairs(g_dino[:2], r_dino), abs=1e-4)
+    assert "overall" in result.stdout and "CLIP-T" in result.stdout
