@@ -35,7 +35,7 @@ def scripts():
     return {name: _load(name) for name in ("train_dreambooth.py", "demo/sampling_without_streamlit.py",
                                            "tools/convert_weights.py", "tools/convert_lora.py",
                                            "tools/merge_lora.py", "tools/check_model.py",
-                                           "tools/draw_toy_subject.py")}
+                                           "tools/draw_toy_subject.py", "tools/eval_dreambooth.py")}
 
 
 @pytest.fixture
@@ -131,6 +131,16 @@ CASES = [  # (id, argv with {p} = the place, text the one error line must hold)
     ("eval_judge_missing", _train(["--eval_toy_world_judge", "{p}/none.safetensors"]),
      "--eval_toy_world_judge {p}/none.safetensors: no such file"),
     ("eval_images", _train(["--eval_num_images", "1"]), "--eval_num_images 1: must be >= 2"),
+    ("metrics_no_model", ["tools/eval_dreambooth.py", "--images", "{p}/subject", "--subject", "{p}/subject"],
+     "give --clip and/or --dino"),
+    ("metrics_clip_score", ["tools/eval_dreambooth.py", "--images", "{p}/subject", "--metric", "clip_score"],
+     "--metric clip_score needs --clip"),
+    ("metrics_clip_missing", ["tools/eval_dreambooth.py", "--images", "{p}/subject", "--subject", "{p}/subject",
+                              "--clip", "{p}/nowhere"], "--clip {p}/nowhere: no such file or folder"),
+    ("metrics_images_empty", ["tools/eval_dreambooth.py", "--images", "{p}/empty", "--subject", "{p}/subject",
+                              "--dino", "{p}/subject"], "--images {p}/empty: folder is empty"),
+    ("metrics_no_prompt", ["tools/eval_dreambooth.py", "--images", "{p}/subject", "--subject", "{p}/subject",
+                           "--dino", "{p}/subject"], "0.jpg has no prompt"),
     ("lora_format", _train(["--lora_format", "onnx"]), "--lora_format onnx: expected one of kohya, diffusers, gm"),
     ("save_precision", _train(["--save_precision", "fp8"]), "--save_precision fp8: expected one of fp32, fp16, bf16"),
     ("init_lora_missing", _train(["--init_lora", "{p}/none.safetensors"]), "--init_lora {p}/none.safetensors"),
