@@ -116,6 +116,13 @@ def check_inputs(args: argparse.Namespace, cfg) -> None:
     if cfg.eval.toy_world_judge and not resolve_repo_path(cfg.eval.toy_world_judge).is_file():
         raise ConfigError(f"--eval_toy_world_judge {cfg.eval.toy_world_judge}: no such file (give '' to skip the "
                           "evaluation)")
+    for flag, value in (("eval_clip", cfg.eval.clip), ("eval_dino", cfg.eval.dino), ("eval_prompts", cfg.eval.prompts)):
+        if value and not Path(value).exists():
+            raise ConfigError(f"--{flag} {value}: no such file or folder")
+    if cfg.eval.prompts:
+        from gm.metrics.dreambooth import read_prompt_file
+
+        read_prompt_file(cfg.eval.prompts, "--eval_prompts")
     base_weight(args, cfg)
     check_save_path(Path(args.save_path), resume=bool(args.resume_from_checkpoint), overwrite=args.overwrite)
     if args.resume_from_checkpoint:
@@ -219,6 +226,7 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     from gm.modules.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
     from gm.optim import LRSchedule, build_optimizer, parameter_groups
     from gm.parallel import barrier, check_ranks_agree, gather_rows, parameters_bytes
+    from gm.plot import plot_run
     from gm.precision import apply_mixed_precision
     from gm.train_state import load_state, prune_states, save_state
     from gm.train_step import TrainStep, loss_scale_config
@@ -303,7 +311,7 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
                                                          parallel.world_size)]
         frozen = CachedInputs(engine, dataset, [*positions, *probe_positions(dataset)], chunk=rows,
                               train_text_encoder=lora.text_encoder)
-        keep_sampling = bool(cfg.sampling.validation_prompt) or lora.text_encoder or bool(cfg.eval.toy_world_judge)
+        keep_sampling = bool(cfg.sampling.validation_prompt) or lora.text_encoder or evaluation_enabled(cfg)
         released = release_frozen_modules(engine, keep_sampling=keep_sampling)
         _logger.info("released %.1f M frozen parameters no longer needed after caching", released / 1e6)
     else:
@@ -344,7 +352,9 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
     if loss_before is not None:
         _logger.info("fixed-noise instance loss before training: %.6f", loss_before)
     evaluation = subject_evaluation(args, cfg, dataset) if parallel.is_main else None
-    evaluated_before = None
+    evaluated_before = evaluated_after = None
+    # every evaluation of this attempt (a resumed run's earlier ones are in train_log.jsonl)
+    evaluations = previous_evaluations(save_path / LOG_FILE_NAME) if state is not None else []
     if evaluation is not None:
         train_step.set_train(False)
         evaluated_before = evaluate_before(evaluation, sampler, save_path)
@@ -384,9 +394,6 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
         if record["overflow"]:
             _logger.warning("step %d: non-finite gradients, update skipped (%d in a row)", step + 1,
                             skipped["in_a_row"])
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         done = step + 1
         if done == first + 1:
@@ -409,20 +416,41 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
             images = sampler([prompt] * n, options)
             save_images(images, save_path / "samples" / f"step{done:06d}", [prompt] * n, options,
                         weights=str(writer.latest))
+        if evaluation is not None and (done == cfg.train.max_train_steps
+                                       or (cfg.eval.steps and done % cfg.eval.steps == 0)):
+            engine.set_train(False)
+            train_step.set_train(False)
+            report, images = evaluation.run(sampler)
+            record["eval"] = report
+            evaluations.append({"step": done, **report})
+            _logger.info("step %d evaluation: %s", done, ", ".join(f"{k} {v:.4f}" for k, v in report.items()))
+            best = best_checkpoint(evaluations)
+            if best is not None and best["step"] == done and parallel.is_main:
+                with stop_on_disk_errors("the best LoRA"):
+                    writer.save_as(engine, save_path / BEST_LORA, done)
+            if done == cfg.train.max_train_steps:
+                evaluated_after = report, images
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
         if done % state_every == 0 or done == cfg.train.max_train_steps:
             save_training_state(done)
     loss_after = probe()
     if loss_after is not None:
         _logger.info("fixed-noise instance loss after training: %.6f (before: %.6f)", loss_after, loss_before)
     evaluated = None
-    if evaluation is not None:
-        engine.set_train(False)
-        train_step.set_train(False)
-        report, images = evaluation.run(sampler)
+    if evaluation is not None and evaluated_after is not None:
+        report, images = evaluated_after
         before_report, before_images = evaluated_before
         before_after_grid(before_images, images, save_path / "before_after.png")
-        evaluated = {"before": before_report, "after": report}
+        evaluated = {"before": before_report, "after": report, "steps": evaluations,
+                     "best_checkpoint": best_checkpoint(evaluations)}
         _logger.info("evaluation (before -> after training): %s", describe(before_report, report))
+        if evaluated["best_checkpoint"]:
+            best = evaluated["best_checkpoint"]
+            _logger.info("best checkpoint by %s: %s (step %d, %.4f)", best["metric"], save_path / best["checkpoint"],
+                         best["step"], best["value"])
+        plot_run(save_path / LOG_FILE_NAME, save_path / "metrics.png")
     digests = check_ranks_agree(parallel, parameters_bytes(lora_params), "the trained LoRA weights")
     _logger.info("trained LoRA identical on all %d ranks (sha256 %s)", parallel.world_size, digests[0][:16])
     if log is not None:
@@ -436,20 +464,68 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
         atomic_write_text(save_path / "summary.json", json.dumps(summary, indent=2))
 
 
+def evaluation_enabled(cfg) -> bool:
+    return bool(cfg.eval.toy_world_judge or cfg.eval.clip or cfg.eval.dino)
+
+
 def subject_evaluation(args: argparse.Namespace, cfg, dataset):
-    """The before/after evaluation of ``cfg.eval`` (None when no judge is configured)."""
+    """The evaluation of ``cfg.eval`` (None when it names no judge and no CLIP/DINO model)."""
     from PIL import Image
 
-    from gm.evaluation import SubjectEvaluation
-    from gm.metrics.toy_world import ToyWorldJudge
+    from gm.evaluation import JudgeMetrics, PaperMetrics, SubjectEvaluation, subject_prompts
 
     e = cfg.eval
-    if not e.toy_world_judge:
+    if not evaluation_enabled(cfg):
         return None
+    scorers = []
+    if e.toy_world_judge:
+        from gm.metrics.toy_world import ToyWorldJudge
+
+        scorers.append(JudgeMetrics(ToyWorldJudge.load(resolve_repo_path(e.toy_world_judge)), e.class_label))
+    if e.clip or e.dino:
+        from gm.metrics.encoders import ClipEvaluator, DinoEvaluator
+
+        real_class = [Image.open(path).convert("RGB") for path in dataset.class_paths]
+        scorers.append(PaperMetrics(ClipEvaluator(e.clip) if e.clip else None,
+                                    DinoEvaluator(e.dino) if e.dino else None, real_class))
+    if e.prompts:
+        from gm.metrics.dreambooth import read_prompt_file
+
+        templates = read_prompt_file(e.prompts).prompts(e.unique_token, e.class_label)
+        prompts = [p for p in templates for _ in range(e.images_per_prompt)]
+    else:
+        prompts = subject_prompts(args.instance_prompt, list(e.subject_prompt_suffixes), e.num_images)
     real = [Image.open(path).convert("RGB") for path in dataset.instance_paths]
-    return SubjectEvaluation(ToyWorldJudge.load(resolve_repo_path(e.toy_world_judge)), real, args.instance_prompt,
-                             list(e.subject_prompt_suffixes), args.class_prompt or f"a photo of a {e.class_label}",
-                             e.class_label, e.num_images, e.batch_size, sampling_options(cfg, cfg.train.seed))
+    return SubjectEvaluation(scorers, real, prompts, args.class_prompt or f"a photo of a {e.class_label}",
+                             e.batch_size, sampling_options(cfg, cfg.train.seed))
+
+
+LOG_FILE_NAME = "train_log.jsonl"
+BEST_LORA = "best_lora.safetensors"  # the LoRA of the best evaluation so far, in --lora_format
+
+
+def previous_evaluations(log_path: Path) -> list:
+    """The evaluations a resumed run's first attempt logged (``eval`` of its step records)."""
+    if not log_path.is_file():
+        return []
+    out = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if isinstance(record.get("eval"), dict):
+            out.append({"step": record["step"], **record["eval"]})
+    return out
+
+
+def best_checkpoint(evaluations: list) -> Optional[dict]:
+    """The evaluated step with the highest DINO (else CLIP-I, else the judge's subject fidelity)."""
+    from gm.evaluation import best_metric
+
+    ranked = [(best_metric(e), e) for e in evaluations]
+    ranked = [(m, e) for m, e in ranked if m is not None]
+    if not ranked:
+        return None
+    (name, value), best = max(ranked, key=lambda item: item[0][1])
+    return {"metric": name, "value": value, "step": best["step"], "checkpoint": BEST_LORA}
 
 
 def evaluate_before(evaluation, sampler, save_path: Path):

@@ -25,7 +25,8 @@ from gm.fs import atomic_write_text
 _logger = logging.getLogger(__name__)
 
 # what train_dreambooth.py writes into --save_path
-RUN_FILES = ("config.yaml", "train_log.jsonl", "summary.json", "eval_before.npz", "before_after.png")
+RUN_FILES = ("config.yaml", "train_log.jsonl", "summary.json", "eval_before.npz", "before_after.png",
+             "best_lora.safetensors", "metrics.png")
 RUN_FOLDERS = ("checkpoints", "state", "samples")
 LOG_FILE = "train_log.jsonl"
 _STEP = re.compile(r"step(?:_)?(\d{6,})")

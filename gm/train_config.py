@@ -194,13 +194,27 @@ class EvalSection:
     toy_world_judge: Optional[str] = setting(
         None, flag="eval_toy_world_judge", resumable=True,
         help="toy-world judge .safetensors: subject fidelity and class diversity before/after training ('' for none)")
-    class_label: str = setting("toy", resumable=True, check=Check(bool, "must name the class the judge knows"))
+    class_label: str = setting("toy", flag="eval_class_token", resumable=True,
+                               check=Check(bool, "must name the subject's class"),
+                               help="the subject's class (the judge's label; {1} of --eval_prompts)")
     # each: the instance prompt, then a scene ("a photo of sks toy" + " on a beach")
     subject_prompt_suffixes: List[str] = setting(["on a beach", "on a lawn", "on a wooden table",
                                                   "on a checkered tablecloth"], resumable=True)
     num_images: int = setting(16, flag="eval_num_images", check=at_least(2), resumable=True,
-                              help="images per evaluation set (subject prompts, class prompt)")
+                              help="images per evaluation set (subject prompts, class prompt) without --eval_prompts")
     batch_size: int = setting(4, check=_POSITIVE, resumable=True)
+    # the DreamBooth paper's metrics (gm/metrics/encoders.py: transformers folders or .safetensors)
+    clip: Optional[str] = setting(None, flag="eval_clip", resumable=True,
+                                  help="CLIP model folder/.safetensors: CLIP-I and CLIP-T at each evaluation")
+    dino: Optional[str] = setting(None, flag="eval_dino", resumable=True,
+                                  help="DINO ViT model folder/.safetensors: DINO at each evaluation")
+    steps: Optional[int] = setting(None, flag="eval_steps", check=_POSITIVE, resumable=True,
+                                   help="also evaluate every N steps (default: before training and at the end)")
+    prompts: Optional[str] = setting(None, flag="eval_prompts", resumable=True,
+                                     help="subject prompts: the paper's prompts_and_classes.txt or one per line "
+                                          "({0} = --eval_unique_token, {1} = eval.class_label)")
+    unique_token: str = setting("sks", flag="eval_unique_token", resumable=True)
+    images_per_prompt: int = setting(1, flag="eval_images_per_prompt", check=_POSITIVE, resumable=True)
 
 
 @dataclass

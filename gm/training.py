@@ -185,3 +185,9 @@ class CheckpointWriter:
                 old.unlink(missing_ok=True)
         _logger.info("step %d: LoRA saved to %s", step, safetensors_path)
 
+    def save_as(self, engine: nn.Cell, path: Path, step: int) -> None:
+        """The current LoRA to ``path`` (in ``lora_format``, outside the rotation), e.g. the best one."""
+        if self.enabled:
+            save_lora(engine, path, {**self.metadata, "step": step}, lora_format=self.lora_format,
+                      dtype=self.precision)
+

@@ -135,3 +135,43 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+# -- the DreamBooth paper's evaluation models, small (head width 64, as the real ones) ----------------------------
+
+EVAL_IMAGE_SIZE = 32  # patch 8: 16 patches + the class token
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def write_eval_clip(folder: Path, seed: int = 0):
+    """A small CLIPModel with its image processor saved as a transformers folder; returns the model."""
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1, "intermediate_size": 96,
+                     "vocab_size": 49408, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "intermediate_size": 160, "image_size": EVAL_IMAGE_SIZE, "patch_size": 8},
+        projection_dim=48)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessorPil(size={"shortest_edge": EVAL_IMAGE_SIZE},
+                          crop_size={"height": EVAL_IMAGE_SIZE, "width": EVAL_IMAGE_SIZE}).save_pretrained(folder)
+    return model
+
+
+def write_eval_dino(folder: Path, seed: int = 0):
+    """A small ViTModel (DINO's architecture) with dino-vits16's kind of processor config; returns the model."""
+    from transformers import ViTConfig, ViTModel
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=160,
+                       image_size=EVAL_IMAGE_SIZE, patch_size=8)
+    model = ViTModel(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    ViTImageProcessorPil(size=EVAL_IMAGE_SIZE, resample=2, image_mean=IMAGENET_MEAN,
+                         image_std=IMAGENET_STD).save_pretrained(folder)
+    return model

@@ -79,19 +79,19 @@ class PromptFile:
         return [t.format(unique_token, class_token) for t in templates]
 
 
-def read_prompt_file(path: str | Path) -> PromptFile:
+def read_prompt_file(path: str | Path, flag: str = "--prompts") -> PromptFile:
     """The paper's file (a "subject_name,class" table, then "Object Prompts" and "Live Subject Prompts"
     lists of ``'a {0} {1} ...'.format(unique_token, class_token)`` lines), or a plain file of one
     template per line (``{0}``/``{1}`` optional)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--prompts {path}: no such file")
+        raise ConfigError(f"{flag} {path}: no such file")
     text = path.read_text(encoding="utf-8")
     out = PromptFile()
     if "prompt_list" not in text:
         out.object_prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not out.object_prompts:
-            raise ConfigError(f"--prompts {path}: no prompts in the file")
+            raise ConfigError(f"{flag} {path}: no prompts in the file")
         return out
     section = None
     for line in text.splitlines():
@@ -105,5 +105,5 @@ def read_prompt_file(path: str | Path) -> PromptFile:
         elif section is not None and (m := re.match(r"^'(.*)'\.format\(", stripped)):
             section.append(m.group(1))
     if not out.object_prompts:
-        raise ConfigError(f"--prompts {path}: no 'Object Prompts' prompt_list found")
+        raise ConfigError(f"{flag} {path}: no 'Object Prompts' prompt_list found")
     return out

@@ -61,6 +61,7 @@ def place(tmp_path):
                                               "train:\n  max_train_steps: many\n")
     (tmp_path / "heun.yaml").write_text("base_config: configs/inference/sd_xl_tiny.yaml\n"
                                         "sampling:\n  sampler: Heun\n")
+    (tmp_path / "empty_prompts.txt").write_text("\n\n")
     (tmp_path / "no_weight.yaml").write_text("base_config: configs/inference/sd_xl_tiny.yaml\n"
                                              "weight: weights/nowhere.safetensors\n")
     np.savez(tmp_path / "latents.npz", a=np.zeros((1, 4, 8, 8), np.float32))
@@ -131,6 +132,11 @@ CASES = [  # (id, argv with {p} = the place, text the one error line must hold)
     ("eval_judge_missing", _train(["--eval_toy_world_judge", "{p}/none.safetensors"]),
      "--eval_toy_world_judge {p}/none.safetensors: no such file"),
     ("eval_images", _train(["--eval_num_images", "1"]), "--eval_num_images 1: must be >= 2"),
+    ("eval_clip_missing", _train(["--eval_clip", "{p}/nowhere"]), "--eval_clip {p}/nowhere: no such file or folder"),
+    ("eval_dino_missing", _train(["--eval_dino", "{p}/nowhere"]), "--eval_dino {p}/nowhere: no such file or folder"),
+    ("eval_steps", _train(["--eval_steps", "0"]), "--eval_steps 0: must be >= 1"),
+    ("eval_prompts_empty", _train(["--eval_prompts", "{p}/empty_prompts.txt"]),
+     "--eval_prompts {p}/empty_prompts.txt: no prompts in the file"),
     ("metrics_no_model", ["tools/eval_dreambooth.py", "--images", "{p}/subject", "--subject", "{p}/subject"],
      "give --clip and/or --dino"),
     ("metrics_clip_score", ["tools/eval_dreambooth.py", "--images", "{p}/subject", "--metric", "clip_score"],

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from reference import write_eval_clip, write_eval_dino
 
 from gm.metrics.toy_world import ToyWorldJudge, judge_photos
 
@@ -39,17 +40,21 @@ def run(tiny_weights, tmp_path_factory):
     images, targets = judge_photos(40, seed=3)  # a quick judge: this test checks the evaluation's plumbing
     judge = root / "judge.safetensors"
     ToyWorldJudge.fit(images, targets, epochs=5).save(judge)
+    write_eval_clip(root / "clip")
+    dino = write_eval_dino(root / "dino")
     result = _run(["train_dreambooth.py", "--config", CONFIG, "--weight", str(tiny_weights.single_file),
                    "--instance_data_path", str(DOG), "--instance_prompt", "a photo of sks dog",
                    "--class_data_path", str(class_dir), "--class_prompt", "a photo of a dog",
                    "--num_class_images", str(NUM_CLASS), "--sample_batch_size", "2",
                    "--max_train_steps", str(STEPS), "--learning_rate", "5e-3", "--save_ckpt_interval", str(INTERVAL),
                    "--max_num_ckpt", "2", "--validation_steps", str(STEPS), "--save_path", str(save),
-                   "--eval_toy_world_judge", str(judge), "--eval_num_images", str(EVAL_IMAGES)],
+                   "--eval_toy_world_judge", str(judge), "--eval_num_images", str(EVAL_IMAGES),
+                   "--eval_clip", str(root / "clip"), "--eval_dino", str(root / "dino"),
+                   "--eval_steps", str(INTERVAL), "--eval_class_token", "dog"],
                   cwd=tiny_weights.config.parents[2])
     assert result.returncode == 0, result.stderr[-4000:]
     return {"save": save, "class_dir": class_dir, "kept": kept, "root": root, "stderr": result.stderr,
-            "judge": judge}
+            "judge": judge, "dino": dino}
 
 
 def test_class_images_topped_up_and_training_continues(run):
@@ -90,9 +95,41 @@ def test_evaluation_reads_the_base_and_the_trained_model_with_the_same_seeds(run
     assert before["class_diversity"] == pytest.approx(judge.diversity(kept["klass"]), rel=1e-6)
     assert before["real_subject_fidelity"] == after["real_subject_fidelity"]
     assert after["subject_fidelity"] != before["subject_fidelity"]  # the trained LoRA changed the images
+    # the paper's metrics, from the transformers DINO model on the same kept images (independent path)
+    import torch
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    processor = ViTImageProcessorPil.from_pretrained(run["root"] / "dino")
+    with torch.no_grad():
+        def cls_tokens(images):
+            pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+            out = run["dino"](pixel_values=pixels).last_hidden_state[:, 0].numpy()
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+        expected_dino = float(np.mean(cls_tokens(kept["subject"]) @ cls_tokens(real).T))
+    assert before["dino"] == pytest.approx(expected_dino, abs=1e-4)
+    assert {"clip_i", "clip_t", "class_dino", "class_clip_i", "class_clip_t"} <= set(before)
     grid = Image.open(run["save"] / "before_after.png")
     assert grid.size == (64 * EVAL_IMAGES, 64 * 4)  # subject before/after, class before/after
     assert np.array_equal(np.asarray(grid)[:64], np.concatenate(list(kept["subject"]), axis=1))
+
+
+def test_evaluation_every_n_steps_is_logged_and_names_the_best_lora(run):
+    summary = json.loads((run["save"] / "summary.json").read_text())["evaluation"]
+    assert [e["step"] for e in summary["steps"]] == [10, 20, 30]
+    lines = [json.loads(x) for x in (run["save"] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval" in r] == [10, 20, 30]
+    assert lines[-1]["eval"] == summary["after"]
+    best = summary["best_checkpoint"]
+    assert best["metric"] == "dino"
+    assert best["value"] == max(e["dino"] for e in summary["steps"])
+    assert best["step"] == max(summary["steps"], key=lambda e: e["dino"])["step"]
+    lora = run["save"] / best["checkpoint"]
+    assert lora.is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "np") as f:
+        assert f.metadata()["ss_steps"] == str(best["step"])  # kohya's name for the step
+    assert Image.open(run["save"] / "metrics.png").size[0] > 0
 
 
 def test_checkpoints_rotate_and_config_is_saved(run):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference import IMAGENET_MEAN, IMAGENET_STD, write_eval_clip, write_eval_dino
 
 from gm.metrics.preprocess import ImagePreprocessor
 
@@ -14,8 +15,6 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil  # noqa: E402
 
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-SIZE = 32  # the test models' image size (patch 8: 16 patches + the class token)
 REL = 1e-4
 
 
@@ -62,21 +61,8 @@ def _close(ours, theirs):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1, "intermediate_size": 96,
-                     "vocab_size": 49408, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "intermediate_size": 160, "image_size": SIZE, "patch_size": 8},
-        projection_dim=48)
-    model = CLIPModel(config).eval()
     folder = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(folder, safe_serialization=True)
-    CLIPImageProcessorPil(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(
-        folder)
-    return folder, model
+    return folder, write_eval_clip(folder)
 
 
 def test_clip_image_and_text_embeddings_match_transformers(clip_folder):
@@ -100,17 +86,8 @@ def test_clip_image_and_text_embeddings_match_transformers(clip_folder):
 
 @pytest.fixture(scope="module")
 def dino_folder(tmp_path_factory):
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=160,
-                       image_size=SIZE, patch_size=8)
-    model = ViTModel(config).eval()
     folder = tmp_path_factory.mktemp("dino")
-    model.save_pretrained(folder, safe_serialization=True)
-    ViTImageProcessorPil(size=SIZE, resample=2, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(
-        folder)
-    return folder, model
+    return folder, write_eval_dino(folder)
 
 
 def test_dino_embeddings_match_transformers(dino_folder):
