@@ -165,3 +165,41 @@ def test_eval_tool_reports_the_papers_metrics_from_transformers_embeddings(clip_
     assert beach["images"] == 2
     assert beach["dino"] == pytest.approx(mean_pairs(g_dino[:2], r_dino), abs=1e-4)
     assert "overall" in result.stdout and "CLIP-T" in result.stdout
+
+
+def _reference_shapes(model_class, config):
+    with torch.device("meta"):  # names and shapes only, no memory
+        model = model_class(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def test_full_size_towers_have_the_official_names_and_shapes(tmp_path):
+    """clip-vit-large-patch14 and dino-vits16 at full size: every tensor of the published files by name and shape."""
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from gm.modules.vision import CLIPTextModelWithProjection, CLIPVisionModelWithProjection, DinoViTModel
+
+    clip_config = CLIPConfig(
+        text_config={"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                     "intermediate_size": 3072, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                       "intermediate_size": 4096, "image_size": 224, "patch_size": 14}, projection_dim=768)
+    expected = _reference_shapes(CLIPModel, clip_config)
+    expected.pop("logit_scale")
+    ours = {k: tuple(p.shape) for k, p in CLIPVisionModelWithProjection(1024, 24, 16, 4096, 224, 14, 768)
+            .parameters_and_names()}
+    ours.update({k: tuple(p.shape) for k, p in CLIPTextModelWithProjection(768, 12, 12, 3072, 768)
+                 .parameters_and_names()})
+    assert ours == expected
+    dino_config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                            image_size=224, patch_size=16)
+    # transformers 5 renames ViT's modules in memory and writes the published names on save
+    torch.manual_seed(0)
+    ViTModel(dino_config, add_pooling_layer=False).save_pretrained(tmp_path, safe_serialization=True)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+        expected = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert "encoder.layer.11.attention.attention.query.weight" in expected
+    ours = {k: tuple(p.shape) for k, p in DinoViTModel(384, 12, 6, 1536, 224, 16).parameters_and_names()}
+    assert ours == expected
