@@ -304,16 +304,41 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, 
     return run_stage("unet", out, step, batch, u.steps, schedule, cfg.save, config_text)
 
 
-def train_judge(cfg, out: Path) -> Dict[str, float]:
+def vae_round_trip(engine, images: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """uint8 photos (N, R, R, 3) as the trained VAE reproduces them (posterior mean, decoded)."""
+    from mindspore import Tensor
+
+    from gm.frozen_inputs import eager
+
+    out = []
+    with eager():
+        for start in range(0, len(images), chunk):
+            decoded = engine.first_stage_model(Tensor(to_pixels(images[start:start + chunk]))).asnumpy()
+            out.append(np.clip((decoded.transpose(0, 2, 3, 1) + 1.0) * 127.5, 0, 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def train_judge(engine, cfg, out: Path) -> Dict[str, float]:
     """Train the toy world's judge (``gm.metrics.toy_world``) on its own photos and score it on
-    photos of yet another seed; writes ``out/JUDGE_NAME``."""
+    photos of yet another seed; writes ``out/JUDGE_NAME``. Every other photo is shown as the VAE
+    reproduces it (``judge.vae_share``): the judge reads generated images, which can be no sharper
+    than the VAE's reconstructions."""
     from gm.metrics.toy_world import HEADS, ToyWorldJudge, judge_photos
 
     j = cfg.judge
-    images, targets = judge_photos(j.photos_per_label, j.seed)
+
+    def photos(count: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+        images, targets = judge_photos(count, seed)
+        chosen = np.random.default_rng([seed, 0x5AE]).random(len(images)) < j.vae_share
+        if chosen.any():
+            images = images.copy()
+            images[chosen] = vae_round_trip(engine, images[chosen])
+        return images, targets
+
+    images, targets = photos(j.photos_per_label, j.seed)
     judge = ToyWorldJudge.fit(images, targets, hidden=j.hidden, epochs=j.epochs, seed=j.seed)
     judge.save(out / JUDGE_NAME)
-    test_images, test_targets = judge_photos(j.test_photos_per_label, j.test_seed)
+    test_images, test_targets = photos(j.test_photos_per_label, j.test_seed)
     result = {f"{head}_accuracy": float(np.mean(judge.predict(test_images, head) ==
                                                 np.array(names)[test_targets[:, k]]))
               for k, (head, names) in enumerate(HEADS.items())}
@@ -444,7 +469,7 @@ def main(argv=None) -> None:
         results["vae"] = json.loads((out / "vae" / "result.json").read_text())
     results["unet"] = train_unet(engine, pixels, captions, cfg, out, config_text)
     if not (out / JUDGE_NAME).is_file() or not (out / "judge.json").is_file():
-        (out / "judge.json").write_text(json.dumps(train_judge(cfg, out)))
+        (out / "judge.json").write_text(json.dumps(train_judge(engine, cfg, out)))
     results["judge"] = json.loads((out / "judge.json").read_text())
     results["quality"] = base_quality(engine, cfg, out)
     save_weights(engine_state(engine).items(), out / OUTPUT_NAME, cfg.save.dtype,
