@@ -54,6 +54,7 @@ def test_the_result_is_an_official_single_file_of_the_tiny_model(pretrained):
                  f"python tools/pretrain_toy_world.py --out {pretrained}"):
         assert text in card, text
     assert (pretrained / "toy_world_judge.safetensors").is_file() and (pretrained / "base_samples.png").is_file()
+    assert (pretrained / "unet" / "vae_moments.npz").is_file()  # a resumed UNet stage does not re-encode
 
 
 def test_a_rerun_resumes_and_a_smaller_step_count_ships_that_state(pretrained):
