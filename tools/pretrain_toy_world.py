@@ -152,19 +152,22 @@ def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence],
     if recent:
         means = np.mean(recent, axis=0)
     else:  # resumed at the last step (e.g. to ship an earlier state with a smaller --unet_steps)
-        rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-        last = [r for r in rows if r["step"] == steps]
+        last = [r for r in log_rows(log) if r["step"] == steps]
         means = [last[-1]["loss"], *last[-1]["parts"]] if last else [np.nan] * 3
     return {"loss": float(means[0]), "part_1": float(means[1]), "part_2": float(means[2]),
             "seconds": stage_seconds(log, steps)}
+
+
+def log_rows(log: Path) -> List[dict]:
+    """A stage's ``log.jsonl`` rows, oldest first (none before its first run)."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
 def stage_seconds(log: Path, steps: int) -> float:
     """Training seconds of a stage over all its (resumed) runs: each run's log rows count its own
     seconds from its start, so a run's time is its last row's, up to step ``steps``."""
     total, previous = 0.0, 0.0
-    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    for row in (r for r in rows if r["step"] <= steps):
+    for row in (r for r in log_rows(log) if r["step"] <= steps):
         if row["seconds"] < previous:  # a resumed run starts counting again
             total += previous
         previous = row["seconds"]
