@@ -1,6 +1,7 @@
 """tools/pretrain_toy_world.py at toy scale (PyNative, a few steps of each stage): it writes an
 official-layout fp16 single file that loads into the tiny model, a judge and a model card; a
-rerun resumes instead of retraining, and a smaller --unet_steps ships that earlier state."""
+rerun resumes instead of retraining, and one with another step count on the decaying learning rate
+is refused."""
 
 import subprocess
 import sys
@@ -57,14 +58,18 @@ def test_the_result_is_an_official_single_file_of_the_tiny_model(pretrained):
     assert (pretrained / "unet" / "vae_moments.npz").is_file()  # a resumed UNet stage does not re-encode
 
 
-def test_a_rerun_resumes_and_a_smaller_step_count_ships_that_state(pretrained):
-    result = _pretrain(pretrained, 2)
+def test_a_rerun_resumes_and_a_changed_schedule_is_refused(pretrained):
+    result = _pretrain(pretrained, 3)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "vae: trained and rescaled weights from" in result.stderr
-    assert "unet: resuming from" in result.stderr and "step_000002" in result.stderr
-    state_file = pretrained / "unet" / "state" / "step_000002" / "train_state.safetensors"
+    assert "unet: resuming from" in result.stderr and "step_000003" in result.stderr
+    state_file = pretrained / "unet" / "state" / "step_000003" / "train_state.safetensors"
     state = _tensors(state_file, "model.diffusion_model.")
     shipped = _tensors(pretrained / "sd_xl_toy_world.safetensors", "model.diffusion_model.")
     assert state.keys() == shipped.keys()
     assert all(np.array_equal(state[k].astype(np.float16), shipped[k]) for k in state)
-    assert "| unet | 2 |" in (pretrained / "MODEL_CARD.md").read_text()
+    # the cosine rate of the saved states was planned for 3 steps: step 2 of it is no 2-step run
+    refused = _pretrain(pretrained, 2)
+    assert refused.returncode != 0
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "unet.steps=3" in last and "start a new --out" in last and "Traceback" not in refused.stderr
