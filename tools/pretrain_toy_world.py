@@ -7,8 +7,9 @@ Both stages run this project's own model code and training step (``gm.train_step
 AdamW, clipping): the VAE (reconstruction + KL, ``gm.models.autoencoder.AutoencoderLoss``) on
 the world's photos, its latent space then rescaled so the config's ``scale_factor`` gives
 unit-variance latents, then every UNet weight with the SDXL denoising loss on the VAE's latents
-of the same photos and their captions (10% dropped to the unconditional embedding). The text
-encoders keep their seeded initialisation. A killed run continues from its newest state in
+of the same photos and their captions (10% dropped to the unconditional embedding), with both
+text encoders trained alongside (``unet.train_text_encoders``; off, they keep their seeded
+initialisation and the UNet must learn to read their random features). A killed run continues from its newest state in
 ``--out/<stage>/state`` when started again with the same command. The result is
 ``--out/sd_xl_toy_world.safetensors`` (official single-file names, ``save.dtype``) and
 ``--out/MODEL_CARD.md`` (data, steps, losses, seed, time, the command that reproduces it).
@@ -274,13 +275,10 @@ def conditioning_table(engine, captions: List[str], resolution: int) -> Tuple[Di
     from gm.frozen_inputs import eager
 
     distinct = sorted(set(captions))
-    size = np.array([[resolution, resolution]], np.float32)
     crossattn, vector = [], []
     with eager():
         for start in range(0, len(distinct), 32):
-            part = distinct[start:start + 32]
-            batch = {"txt": part, "original_size_as_tuple": size, "crop_coords_top_left": np.zeros((1, 2), np.float32),
-                     "target_size_as_tuple": size}
+            batch = size_batch(distinct[start:start + 32], resolution)
             cond, uncond = engine.conditioner.get_unconditional_conditioning(batch)
             crossattn.append(cond["crossattn"].asnumpy())
             vector.append(cond["vector"].asnumpy())
@@ -289,10 +287,27 @@ def conditioning_table(engine, captions: List[str], resolution: int) -> Tuple[Di
     return index, np.concatenate(crossattn), np.concatenate(vector), uncond_crossattn, uncond_vector
 
 
+def size_batch(captions: List[str], resolution: int) -> Dict[str, object]:
+    """The conditioner's batch for square photos shown whole (SDXL's micro-conditioning at ``resolution``)."""
+    size = np.array([[resolution, resolution]], np.float32)
+    return {"txt": captions, "original_size_as_tuple": size, "crop_coords_top_left": np.zeros((1, 2), np.float32),
+            "target_size_as_tuple": size}
+
+
+def text_encoders(engine) -> list:
+    """The conditioner's embedders that read the caption (both CLIPs), made trainable in the graph."""
+    conditioner = engine.conditioner
+    chosen = [i for i, key in enumerate(conditioner.input_keys) if key == "txt"]
+    for i in chosen:
+        conditioner.embedders[i].is_trainable = True
+    conditioner.frozen = tuple(frozen and i not in chosen for i, frozen in enumerate(conditioner.frozen))
+    return [conditioner.embedders[i] for i in chosen]
+
+
 def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, config_text: str) -> Dict[str, float]:
     from gm.frozen_inputs import sample_latents
     from gm.modules.cpu_kernels import fold_batch_into_matmul
-    from gm.modules.diffusionmodules.loss import DreamBoothLoss, sample_noise_and_sigmas
+    from gm.modules.diffusionmodules.loss import CaptionDropConditioning, DreamBoothLoss, sample_noise_and_sigmas
     from gm.optim import LRSchedule, build_optimizer, parameter_groups
     from gm.train_step import TrainStep
 
@@ -306,16 +321,29 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, 
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache.with_suffix(".tmp.npz"), mean=mean, std=std)
         cache.with_suffix(".tmp.npz").replace(cache)
-    index, crossattn, vector, uncond_crossattn, uncond_vector = conditioning_table(
-        engine, captions, cfg.data.resolution)
-    rows = np.array([index[c] for c in captions])
-    trainable_only([engine.model], engine)
     u = cfg.unet
+    train_text = bool(u.get("train_text_encoders", False))
+    # Frozen text encoders: their outputs per distinct caption, once. Trained ones: the caption's
+    # token ids go into the graph, and a dropped caption's text is zeroed there.
+    distinct = sorted(set(captions))
+    rows = np.array([{c: i for i, c in enumerate(distinct)}[c] for c in captions])
+    if train_text:
+        conditioner = engine.conditioner
+        arrays = conditioner.prepare_arrays(size_batch(distinct, cfg.data.resolution))
+        keep = conditioner.keep_masks(arrays, {"txt"})
+        text_columns = tuple((1.0 - keep[key])[None].astype(np.float32) for key in ("crossattn", "vector"))
+        trainable_only([engine.model, *text_encoders(engine)], engine)
+    else:
+        _, crossattn, vector, uncond_crossattn, uncond_vector = conditioning_table(
+            engine, captions, cfg.data.resolution)
+        trainable_only([engine.model], engine)
     # set before the UNet's training graph is built (the VAE's stage and the encoding ran per sample)
     fold_batch_into_matmul(cfg.kernels.unet_fold_batch)
-    step = TrainStep(DreamBoothLoss(engine, with_prior_preservation=False),
-                     build_optimizer(parameter_groups(engine, learning_rate=u.learning_rate,
-                                                      weight_decay=u.weight_decay)),
+    loss = DreamBoothLoss(engine, with_prior_preservation=False, train_text_encoder=train_text)
+    if train_text:
+        loss.conditioning = CaptionDropConditioning(engine.conditioner, text_columns)
+    step = TrainStep(loss, build_optimizer(parameter_groups(engine, learning_rate=u.learning_rate,
+                                                            weight_decay=u.weight_decay)),
                      max_grad_norm=u.max_grad_norm)
 
     def batch(i: int):
@@ -325,6 +353,8 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, 
                                  engine.scale_factor)
         noise, sigmas = sample_noise_and_sigmas(rng, latents.shape, engine.denoiser)
         drop = rng.random(len(idx)) < u.ucg_rate
+        if train_text:
+            return (latents, noise, sigmas, *(a[rows[idx]] for a in arrays), drop.astype(np.float32))
         ctx = np.where(drop[:, None, None], uncond_crossattn, crossattn[rows[idx]])
         vec = np.where(drop[:, None], uncond_vector, vector[rows[idx]])
         return latents, noise, sigmas, ctx.astype(np.float32), vec.astype(np.float32)

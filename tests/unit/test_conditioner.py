@@ -58,6 +58,23 @@ def test_unconditional_zeroes_only_text_outputs(conditioner):
     assert np.abs(encoded["crossattn"].asnumpy()).max() > 0
 
 
+def test_caption_drop_in_the_graph_is_the_unconditional_branch(conditioner):
+    # Pretraining with trained text encoders drops captions inside the graph; a dropped sample
+    # must see what sampling's unconditional branch feeds the UNet, a kept one the full conditioning.
+    from gm.modules.diffusionmodules.loss import CaptionDropConditioning
+
+    arrays = conditioner.prepare_arrays(_batch())
+    keep = conditioner.keep_masks(arrays, {"txt"})
+    drop_cell = CaptionDropConditioning(conditioner, tuple((1.0 - keep[k])[None] for k in ("crossattn", "vector")))
+    crossattn, vector = drop_cell(*(ms.Tensor(a) for a in arrays), ms.Tensor(np.array([0.0, 1.0], np.float32)))
+    cond, uncond = conditioner.get_unconditional_conditioning(_batch())
+    np.testing.assert_array_equal(crossattn.asnumpy()[0], cond["crossattn"].asnumpy()[0])
+    np.testing.assert_array_equal(vector.asnumpy()[0], cond["vector"].asnumpy()[0])
+    np.testing.assert_array_equal(crossattn.asnumpy()[1], uncond["crossattn"].asnumpy()[1])
+    np.testing.assert_array_equal(vector.asnumpy()[1], uncond["vector"].asnumpy()[1])
+    assert [p.name for p in drop_cell.get_parameters()] == [p.name for p in conditioner.get_parameters()]
+
+
 def test_bad_batches_and_configs_are_rejected(conditioner):
     with pytest.raises(ValueError, match="lacks keys \\['target_size_as_tuple'\\]"):
         conditioner.encode({k: v for k, v in _batch().items() if k != "target_size_as_tuple"})

@@ -67,6 +67,30 @@ class PrecomputedConditioning(nn.Cell):
         return crossattn, vector
 
 
+class CaptionDropConditioning(nn.Cell):
+    """The conditioner in the graph, with the text of chosen samples zeroed (classifier-free guidance
+    training: sampling's unconditional branch zeroes the text part of crossattn and the pooled
+    columns of vector, ``get_unconditional_conditioning``).
+
+    ``construct(*conditioner_inputs, drop)``; drop: (N,) float32, 1 where the caption is dropped.
+    ``text_columns``: (crossattn columns, vector columns) float32 rows, 1 where the text encoders write.
+    """
+
+    def __init__(self, conditioner: nn.Cell, text_columns: Tuple[np.ndarray, np.ndarray]):
+        super().__init__(auto_prefix=False)  # parameter names stay the engine's conditioner.*
+        self.conditioner = conditioner
+        self.text_crossattn = Tensor(text_columns[0])
+        self.text_vector = Tensor(text_columns[1])
+
+    def construct(self, *inputs) -> Tuple[Tensor, Tensor]:
+        """The conditioner's inputs, then drop -> (crossattn, vector)."""
+        crossattn, vector = self.conditioner(*inputs[:-1])
+        drop = inputs[-1]
+        crossattn = crossattn * (1.0 - drop.reshape(-1, 1, 1) * self.text_crossattn)
+        vector = vector * (1.0 - drop.reshape(-1, 1) * self.text_vector)
+        return crossattn, vector
+
+
 class DreamBoothLoss(nn.Cell):
     """``(latents, noise, sigmas, *conditioning inputs) -> (loss, loss_instance, loss_class)``.
 

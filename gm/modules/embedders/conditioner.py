@@ -118,11 +118,11 @@ class GeneralConditioner(nn.Cell):
         if unknown:
             raise ValueError(f"force_uc_zero_embeddings names {sorted(unknown)}; input keys are {self.input_keys}")
         outputs = self(*(Tensor(a) for a in arrays))
-        keep = self._keep_masks(arrays, zero)
+        keep = self.keep_masks(arrays, zero)
         uncond = {key: out * Tensor(keep[key]) for key, out in zip(OUTPUT_KEYS, outputs)}
         return cond, uncond
 
-    def _keep_masks(self, arrays: Sequence[np.ndarray], zero: set) -> Dict[str, np.ndarray]:
+    def keep_masks(self, arrays: Sequence[np.ndarray], zero: set) -> Dict[str, np.ndarray]:
         """Per output slot, a float32 row of 1 (keep) / 0 (zero) over its concatenated columns."""
         cols: Dict[str, List[np.ndarray]] = {k: [] for k in OUTPUT_KEYS}
         for emb, array in zip(self.embedders, arrays):
