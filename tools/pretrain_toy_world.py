@@ -125,6 +125,7 @@ def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence],
     good = [f for f in state_folders(folder) if int(f.name.split("_")[-1]) <= steps and verify_state(f) is None]
     if good:
         state = load_state(good[-1])
+        check_same_stage_config(name, state.path, state.config_text, config_text)
         step_cell.load_state_arrays(state.arrays, str(state.path))
         first = state.step
         _logger.info("%s: resuming from %s (step %d of %d)", name, state.path, first, steps)
@@ -156,6 +157,19 @@ def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence],
         means = [last[-1]["loss"], *last[-1]["parts"]] if last else [np.nan] * 3
     return {"loss": float(means[0]), "part_1": float(means[1]), "part_2": float(means[2]),
             "seconds": stage_seconds(log, steps)}
+
+
+def check_same_stage_config(name: str, state_path: Path, saved_text: str, config_text: str) -> None:
+    """A stage resumes only under the settings it was trained with; ``steps`` may differ only on a
+    constant learning rate (a decaying one was planned for the saved run's length)."""
+    saved, current = OmegaConf.create(saved_text)[name], OmegaConf.create(config_text)[name]
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed == ["steps"] and current.get("lr_scheduler", "constant") in ("constant", "constant_with_warmup"):
+        return
+    if changed:
+        raise ConfigError(f"{state_path}: trained with {name}." + ", ".join(f"{k}={saved.get(k)}" for k in changed)
+                          + f", not {', '.join(f'{k}={current.get(k)}' for k in changed)}; pass the same settings "
+                          "or start a new --out")
 
 
 def log_rows(log: Path) -> List[dict]:
@@ -277,6 +291,7 @@ def conditioning_table(engine, captions: List[str], resolution: int) -> Tuple[Di
 
 def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, config_text: str) -> Dict[str, float]:
     from gm.frozen_inputs import sample_latents
+    from gm.modules.cpu_kernels import fold_batch_into_matmul
     from gm.modules.diffusionmodules.loss import DreamBoothLoss, sample_noise_and_sigmas
     from gm.optim import LRSchedule, build_optimizer, parameter_groups
     from gm.train_step import TrainStep
@@ -296,6 +311,8 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, 
     rows = np.array([index[c] for c in captions])
     trainable_only([engine.model], engine)
     u = cfg.unet
+    # set before the UNet's training graph is built (the VAE's stage and the encoding ran per sample)
+    fold_batch_into_matmul(cfg.kernels.unet_fold_batch)
     step = TrainStep(DreamBoothLoss(engine, with_prior_preservation=False),
                      build_optimizer(parameter_groups(engine, learning_rate=u.learning_rate,
                                                       weight_decay=u.weight_decay)),

@@ -22,8 +22,26 @@ from mindspore import Tensor, ops
 _MATMUL = ops.MatMul()
 
 
+_FOLD_BATCH = False
+
+
+def fold_batch_into_matmul(on: bool) -> None:
+    """Run ``weight_matmul`` as one 2-D MatMul over the whole batch (``on``) or one per sample.
+
+    Per sample (the default) the graph grows with the batch: right for the few large samples of
+    DreamBooth, while pretraining on many tiny 64x64 photos wants large batches at a fixed graph
+    size. Set before the graph is built.
+    """
+    global _FOLD_BATCH
+    _FOLD_BATCH = on
+
+
 def weight_matmul(weight: Tensor, x: Tensor) -> Tensor:
     """``weight`` (O, K) times each sample of ``x`` (B, K, L) -> (B, O, L), one 2-D MatMul per sample."""
+    if _FOLD_BATCH:
+        b, k, length = x.shape
+        folded = _MATMUL(weight, x.transpose(1, 0, 2).reshape(k, b * length))  # (O, B*L)
+        return folded.reshape(weight.shape[0], b, length).transpose(1, 0, 2)
     return ops.stack([_MATMUL(weight, sample) for sample in ops.unstack(x, 0)], 0)
 
 

@@ -68,3 +68,14 @@ def test_a_rerun_resumes_and_a_smaller_step_count_ships_that_state(pretrained):
     assert state.keys() == shipped.keys()
     assert all(np.array_equal(state[k].astype(np.float16), shipped[k]) for k in state)
     assert "| unet | 2 |" in (pretrained / "MODEL_CARD.md").read_text()
+
+
+def test_a_rerun_with_other_stage_settings_is_refused(pretrained):
+    # Adam's moments and the schedule of the saved states belong to their own learning rate
+    result = subprocess.run([sys.executable, "tools/pretrain_toy_world.py", "--out", str(pretrained), *SMALL,
+                             "unet.learning_rate=0.001", "--unet_steps", "3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "unet.learning_rate=0.0005" in last and "not learning_rate=0.001" in last, last
+    assert "start a new --out" in last and "Traceback" not in result.stderr
