@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, List, Mapping
+from typing import Any, List, Mapping, Tuple
 
 from omegaconf import OmegaConf
 
@@ -120,26 +120,28 @@ def rewind_run(save_path: Path, step: int) -> int:
     return len(kept)
 
 
+def config_changes(saved: Any, current: Any, ignore: frozenset = frozenset(),
+                   prefix: str = "") -> List[Tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) of every leaf that differs between two plain
+    containers (dicts of dicts and values), skipping the dotted keys in ``ignore``."""
+    if prefix in ignore:
+        return []
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for key in sorted(set(saved) | set(current))
+                for change in config_changes(saved.get(key), current.get(key), ignore,
+                                             f"{prefix}.{key}" if prefix else str(key))]
+    return [] if saved == current else [(prefix, saved, current)]
+
+
 def config_differences(saved_text: str, current: Mapping[str, Any], allowed: tuple) -> List[str]:
     """Keys whose values differ between a saved run config (YAML text) and the current one,
     ignoring ``allowed`` (dotted keys) and the command line's output-only flags."""
     saved = OmegaConf.to_container(OmegaConf.create(saved_text), resolve=True)
     # flags that name outputs or the way in, not the trained numbers (the caller passes the rest)
-    ignore = set(allowed) | {"cli.resume_from_checkpoint", "cli.overwrite", "cli.init_lora", "cli.compile_cache",
-                             "cli.save_path"}
-    differences: List[str] = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if prefix in ignore:
-            return
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
-        elif a != b:
-            differences.append(f"{prefix}: {a!r} then, {b!r} now")
-
-    walk(saved, json.loads(json.dumps(dict(current))), "")
-    return differences
+    ignore = frozenset(allowed) | {"cli.resume_from_checkpoint", "cli.overwrite", "cli.init_lora",
+                                   "cli.compile_cache", "cli.save_path"}
+    changes = config_changes(saved, json.loads(json.dumps(dict(current))), ignore)
+    return [f"{key}: {then!r} then, {now!r} now" for key, then, now in changes]
 
 
 class TrainingStopped(UserError):

@@ -163,13 +163,17 @@ def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence],
 def check_same_stage_config(name: str, state_path: Path, saved_text: str, config_text: str) -> None:
     """A stage resumes only under the settings it was trained with; ``steps`` may differ only on a
     constant learning rate (a decaying one was planned for the saved run's length)."""
-    saved, current = OmegaConf.create(saved_text)[name], OmegaConf.create(config_text)[name]
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed == ["steps"] and current.get("lr_scheduler", "constant") in ("constant", "constant_with_warmup"):
+    from gm.run_folder import config_changes
+
+    saved, current = (OmegaConf.to_container(OmegaConf.create(text)[name], resolve=True)
+                      for text in (saved_text, config_text))
+    changes = config_changes(saved, current)
+    if [key for key, _, _ in changes] == ["steps"] and current.get("lr_scheduler") in (
+            "constant", "constant_with_warmup"):
         return
-    if changed:
-        raise ConfigError(f"{state_path}: trained with {name}." + ", ".join(f"{k}={saved.get(k)}" for k in changed)
-                          + f", not {', '.join(f'{k}={current.get(k)}' for k in changed)}; pass the same settings "
+    if changes:
+        raise ConfigError(f"{state_path}: trained with {name}." + ", ".join(f"{k}={then}" for k, then, _ in changes)
+                          + f", not {', '.join(f'{k}={now}' for k, _, now in changes)}; pass the same settings "
                           "or start a new --out")
 
 

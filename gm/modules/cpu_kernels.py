@@ -37,7 +37,8 @@ def fold_batch_into_matmul(on: bool) -> None:
 
 
 def weight_matmul(weight: Tensor, x: Tensor) -> Tensor:
-    """``weight`` (O, K) times each sample of ``x`` (B, K, L) -> (B, O, L), one 2-D MatMul per sample."""
+    """``weight`` (O, K) times each sample of ``x`` (B, K, L) -> (B, O, L): one 2-D MatMul per sample,
+    or one over the batch after ``fold_batch_into_matmul(True)``."""
     if _FOLD_BATCH:
         b, k, length = x.shape
         folded = _MATMUL(weight, x.transpose(1, 0, 2).reshape(k, b * length))  # (O, B*L)

@@ -73,3 +73,14 @@ def test_a_rerun_resumes_and_a_changed_schedule_is_refused(pretrained):
     assert refused.returncode != 0
     last = refused.stderr.strip().splitlines()[-1]
     assert "unet.steps=3" in last and "start a new --out" in last and "Traceback" not in refused.stderr
+
+
+def test_a_rerun_with_other_stage_settings_is_refused(pretrained):
+    # Adam's moments and the schedule of the saved states belong to their own learning rate
+    result = subprocess.run([sys.executable, "tools/pretrain_toy_world.py", "--out", str(pretrained), *SMALL,
+                             "unet.learning_rate=0.001", "--unet_steps", "3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "unet.learning_rate=0.0008" in last and "not learning_rate=0.001" in last, last
+    assert "start a new --out" in last and "Traceback" not in result.stderr
