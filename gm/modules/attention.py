@@ -10,6 +10,9 @@ from mindspore import Tensor, nn, ops
 from gm.modules.diffusionmodules.util import zero_module
 from gm.modules.layers import Conv2d, GroupNorm, Identity, LayerNorm, Linear, gelu_exact
 
+_BMM = ops.BatchMatMul()
+_BMM_KT = ops.BatchMatMul(transpose_b=True)
+
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """softmax(q k^T / sqrt(d) + mask) v.
@@ -21,11 +24,12 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional
         (B, heads, Lq, d), in q's dtype; softmax runs in float32 for stability under fp16/bf16.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = ops.matmul(q * scale, k.swapaxes(-1, -2))  # (B, heads, Lq, Lk)
+    # transposes as BatchMatMul flags: a swapaxes (and its gradient) copies k
+    scores = _BMM_KT(q * scale, k)  # (B, heads, Lq, Lk)
     if mask is not None:
         scores = scores + mask
     weights = ops.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
-    return ops.matmul(weights, v)
+    return _BMM(weights, v)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

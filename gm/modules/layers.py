@@ -13,10 +13,26 @@ import math
 from typing import Optional
 
 import mindspore as ms
-from mindspore import Parameter, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Normal, Uniform, initializer
 
 from gm.modules.cpu_kernels import weight_matmul
+
+_MATMUL_WT = ops.MatMul(transpose_b=True)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x (..., in) @ weight.T + bias`` with weight (out, in), as torch.nn.functional.linear.
+
+    One 2-D ``MatMul`` with the transpose as a flag, and ``BiasAdd``: ``ops.dense``'s backward
+    inserts explicit ``Transpose`` ops (measured: ~950 per medium SDXL LoRA step, 5% of its time
+    on the CPU target), the flagged MatMul's backward is two flagged MatMuls.
+    """
+    lead = x.shape[:-1]
+    out = _MATMUL_WT(x.reshape(-1, x.shape[-1]), weight)
+    if bias is not None:
+        out = ops.bias_add(out, bias)
+    return out.reshape(*lead, weight.shape[0])
 
 
 def on_cpu_target() -> bool:
@@ -44,7 +60,7 @@ class Linear(nn.Cell):
         self.bias = _bias(out_features, in_features, dtype) if bias else None
 
     def construct(self, x):
-        return ops.dense(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class Conv2d(nn.Cell):

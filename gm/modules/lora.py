@@ -42,7 +42,7 @@ from gm.errors import ConfigError
 from gm.modules.attention import dropout_cell, merge_heads, scaled_dot_product_attention, split_heads
 from gm.modules.embedders.clip import PackedSelfAttention
 from gm.modules.embedders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2
-from gm.modules.layers import Linear
+from gm.modules.layers import Linear, linear
 
 _logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class LoRALinear(LoRABranch):
 
     def construct(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out)."""
-        return ops.dense(x, self.weight, self.bias) + self.lora_delta(x)
+        return linear(x, self.weight, self.bias) + self.lora_delta(x)
 
 
 class LoRAPackedSelfAttention(nn.Cell):
@@ -222,7 +222,7 @@ class LoRAPackedSelfAttention(nn.Cell):
 
     def construct(self, x: Tensor, mask: Tensor) -> Tensor:
         """(B, L, W), additive mask (L, L) -> (B, L, W)."""
-        qkv = ops.dense(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
         q, k, v = ops.split(qkv, self.width, axis=-1)
         q = split_heads(q + self.in_proj_q(x), self.heads)
         k = split_heads(k + self.in_proj_k(x), self.heads)

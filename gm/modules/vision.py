@@ -22,7 +22,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from gm.modules.attention import merge_heads, scaled_dot_product_attention, split_heads
 from gm.modules.embedders.clip import CLIPEncoder, CLIPTextModel
-from gm.modules.layers import LayerNorm, Linear, gelu_exact
+from gm.modules.layers import LayerNorm, Linear, gelu_exact, linear
 
 
 def patchify(pixels: Tensor, patch: int) -> Tensor:
@@ -45,7 +45,7 @@ class PatchProjection(nn.Cell):
     def construct(self, pixels: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, N, D)."""
         weight = self.weight.reshape(self.weight.shape[0], -1)
-        return ops.dense(patchify(pixels, self.patch), weight, self.bias)
+        return linear(patchify(pixels, self.patch), weight, self.bias)
 
 
 # -- CLIP -------------------------------------------------------------------------------------
