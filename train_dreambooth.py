@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile_cache", default=None,
                    help="folder for MindSpore's persistent graph cache (default: ~/.cache/sdxl_dreambooth_ms/"
                         "compile, one subfolder per model/shape/code version); 'off' disables it")
+    p.add_argument("--input_cache", default=None,
+                   help="folder where the cached VAE moments and text conditioning (--cache_latents) are kept "
+                        "for the next run on the same images, prompts and base model (default: ~/.cache/"
+                        "sdxl_dreambooth_ms/inputs); 'off' encodes them every run")
     add_config_flags(p)  # one per training-config setting (gm.train_config): flag, help and check
     p.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' (the newest complete state in --save_path/state) or a state folder: continue "
@@ -143,6 +147,30 @@ def base_weight(args: argparse.Namespace, cfg) -> Optional[str]:
         raise ConfigError(f"--config {args.config}: weight {cfg.weight} does not exist; give --weight FILE "
                           "(or --weight none for a randomly initialised base)")
     return str(path)
+
+
+def input_store(args: argparse.Namespace) -> Optional[Path]:
+    """The folder of stored frozen inputs (``--input_cache``), or None when turned off."""
+    if args.input_cache is not None and args.input_cache.lower() == "off":
+        return None
+    from gm.compile_cache import DEFAULT_ROOT
+
+    return Path(args.input_cache) if args.input_cache else DEFAULT_ROOT.parent / "inputs"
+
+
+def input_identity(args: argparse.Namespace, cfg, weight: Optional[str]) -> dict:
+    """What the frozen inputs are a function of besides the images and prompts: the base weights
+    (file, size, modification time; the seed of a random one), the VAE and text-encoder configs
+    and the precision they run in."""
+    params = cfg.model.params
+    base = {"random_init_seed": cfg.train.seed}
+    if weight:
+        path = Path(weight).resolve()
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        base = {"weights": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]}
+    return {**base, "precision": cfg.train.mixed_precision, "resolution": cfg.data.resolution,
+            "vae": OmegaConf.to_container(params.first_stage_config, resolve=True),
+            "conditioner": OmegaConf.to_container(params.conditioner_config, resolve=True)}
 
 
 def resolve_repo_path(path: str) -> Path:
@@ -310,7 +338,8 @@ def train(args: argparse.Namespace, cfg, parallel) -> None:
                      for p in dataset.schedule.positions(micro, cfg.data.batch_size, parallel.rank,
                                                          parallel.world_size)]
         frozen = CachedInputs(engine, dataset, [*positions, *probe_positions(dataset)], chunk=rows,
-                              train_text_encoder=lora.text_encoder)
+                              train_text_encoder=lora.text_encoder, store=input_store(args),
+                              identity=input_identity(args, cfg, weight))
         keep_sampling = bool(cfg.sampling.validation_prompt) or lora.text_encoder or evaluation_enabled(cfg)
         released = release_frozen_modules(engine, keep_sampling=keep_sampling)
         _logger.info("released %.1f M frozen parameters no longer needed after caching", released / 1e6)

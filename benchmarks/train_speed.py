@@ -12,9 +12,10 @@ with AdamW on one instance + one class sample per step at the same resolution an
 
 * ours: ``train_dreambooth.py`` itself, on ``../shared/data/dreambooth/dog`` (instance) and
   ``dog6`` (as 5 ready class images, so nothing is generated), no validation images. Variants:
-  ``graph`` (``--ms_mode 0``, cached inputs, the default, on a cold compile cache, then ``warm``:
-  the same run again on the now warm cache), ``uncached`` (``--cache_latents False``: VAE and text
-  encoders every step), ``pynative`` (``--ms_mode 1``). Timings from its ``summary.json``
+  ``graph`` (``--ms_mode 0``, cached inputs, the default, on a cold compile cache and an empty
+  input store, then ``warm``: the same run again on the now warm cache and filled store),
+  ``uncached`` (``--cache_latents False``: VAE and text encoders every step), ``pynative``
+  (``--ms_mode 1``). Timings from its ``summary.json``
   (seconds since process start; per-phase medians) and ``train_log.jsonl``.
 * reference: latents and text embeddings precomputed (as diffusers' ``--cache_latents`` and its
   precomputed prompt embeddings), then UNet forward + backward + AdamW per step.
@@ -76,6 +77,7 @@ def ours(config: str, resolution: int, steps: int, variant: str, cache_dir: Path
            "--validation_prompt", "", "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
            "--lora_rank", str(LORA_RANK), "--lora_alpha", str(LORA_RANK), "--lora_unet_targets", "attn",
            "--mixed_precision", "fp32", "--save_path", str(save), "--compile_cache", str(cache_dir),
+           "--input_cache", str(cache_dir.with_name(cache_dir.name.replace("compile", "input"))),
            "--ms_mode", "1" if variant == "pynative" else "0", "--overwrite"]  # the warm rerun reuses the folder
     if variant == "uncached":
         cmd += ["--cache_latents", "False"]

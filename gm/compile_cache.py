@@ -44,7 +44,8 @@ HOST_ONLY_KEYS = {
 }
 
 
-def _source_digest() -> str:
+def source_digest() -> str:
+    """SHA-256 of every gm/ source file: code that computes a cached result."""
     digest = hashlib.sha256()
     for path in sorted(GM_ROOT.rglob("*.py")):
         digest.update(str(path.relative_to(GM_ROOT)).encode())
@@ -60,7 +61,7 @@ def cache_key(config: Mapping[str, Any], **extra: Any) -> str:
                               if isinstance(values, Mapping) else values)
                     for section, values in config.items()}
     material = json.dumps({"config": graph_config, "extra": extra, "mindspore": ms.__version__,
-                           "code": _source_digest()}, sort_keys=True, default=str)
+                           "code": source_digest()}, sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 

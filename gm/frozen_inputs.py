@@ -19,7 +19,10 @@ latents can be cached (the token ids and sizes are then passed through).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+from pathlib import Path
 from typing import Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import mindspore as ms
@@ -27,6 +30,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from gm.data.dreambooth import SIZE_KEYS, model_inputs
+from gm.fs import atomic_path
 
 _logger = logging.getLogger(__name__)
 
@@ -140,12 +144,25 @@ class CachedInputs(FrozenInputs):
     cached = True
 
     def __init__(self, engine: nn.Cell, dataset, positions: Iterable[int], chunk: int,
-                 train_text_encoder: bool = False):
+                 train_text_encoder: bool = False, store: Optional[Path] = None,
+                 identity: Optional[Mapping] = None):
         super().__init__(engine, train_text_encoder)
+        pixels, cond_rows = self._rows(dataset, positions)
+        path = None
+        if store is not None:
+            path = Path(store) / f"{_store_key(identity or {}, pixels, cond_rows, chunk, train_text_encoder)}.npz"
+            if self._load(path, pixels, cond_rows):
+                self._encode = None
+                _logger.info("VAE moments and text conditioning read from %s", path)
+                return
         with eager():
-            self._fill(dataset, positions, chunk)
+            self._fill(pixels, cond_rows, chunk)
+        if path is not None:
+            self._save(path)
 
-    def _fill(self, dataset, positions: Iterable[int], chunk: int) -> None:
+    @staticmethod
+    def _rows(dataset, positions: Iterable[int]) -> Tuple[Dict[Hashable, np.ndarray], Dict[Tuple, Dict[str, object]]]:
+        """The distinct image variants (their pixels) and conditioning rows of ``positions``."""
         pixels: Dict[Hashable, np.ndarray] = {}
         cond_rows: Dict[Tuple, Dict[str, object]] = {}
         for position in sorted(set(int(p) for p in positions)):
@@ -156,6 +173,48 @@ class CachedInputs(FrozenInputs):
                 pixels.setdefault(view["variant"], view["pixels"])
                 row = {"txt": view["prompt"], **{key: view[key] for key in SIZE_KEYS}}
                 cond_rows.setdefault(_cond_keys(_as_batch([row]))[0], row)
+        return pixels, cond_rows
+
+    def _save(self, path: Path) -> None:
+        variants = list(self.moments_by_variant)
+        prompts = list(self.crossattn_by_prompt)
+        cond_keys = list(self.vector_by_key)
+        empty = np.zeros((0,), np.float32)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, index=np.array(json.dumps({"variants": variants, "prompts": prompts,
+                                                        "cond_keys": cond_keys})),
+                         mean=np.stack([self.moments_by_variant[v][0] for v in variants]),
+                         std=np.stack([self.moments_by_variant[v][1] for v in variants]),
+                         crossattn=np.stack([self.crossattn_by_prompt[p] for p in prompts]) if prompts else empty,
+                         vector=np.stack([self.vector_by_key[k] for k in cond_keys]) if cond_keys else empty)
+        except OSError as err:
+            _logger.warning("could not store the cached inputs in %s (%s); the next run encodes them again",
+                            path, err)
+
+    def _load(self, path: Path, pixels: Mapping, cond_rows: Mapping) -> bool:
+        """Fill the cache from ``path``; False (nothing filled) when it is missing, unreadable or
+        lacks a row this run needs."""
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                index = json.loads(str(stored["index"]))
+                mean, std, crossattn, vector = (stored[k] for k in ("mean", "std", "crossattn", "vector"))
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError) as err:
+            _logger.warning("ignoring the unreadable input cache %s (%s)", path, err)
+            return False
+        moments = {_as_key(v): (mean[i], std[i]) for i, v in enumerate(index["variants"])}
+        by_prompt = {p: crossattn[i] for i, p in enumerate(index["prompts"])}
+        by_key = {_as_key(k): vector[i] for i, k in enumerate(index["cond_keys"])}
+        if not set(pixels) <= set(moments) or (not self.train_text_encoder and not set(cond_rows) <= set(by_key)):
+            return False
+        self.moments_by_variant, self.crossattn_by_prompt, self.vector_by_key = moments, by_prompt, by_key
+        return True
+
+    def _fill(self, pixels: Mapping[Hashable, np.ndarray], cond_rows: Mapping[Tuple, Dict[str, object]],
+              chunk: int) -> None:
         self.moments_by_variant = self._encode_chunks(list(pixels), [pixels[k] for k in pixels], chunk)
         self.crossattn_by_prompt: Dict[str, np.ndarray] = {}
         self.vector_by_key: Dict[Tuple, np.ndarray] = {}
@@ -196,6 +255,34 @@ class CachedInputs(FrozenInputs):
         keys = _cond_keys(cond_batch)
         return (np.stack([self.crossattn_by_prompt[k[0]] for k in keys]),
                 np.stack([self.vector_by_key[k] for k in keys]))
+
+
+def _as_key(value):
+    """A JSON-decoded key back as the tuples it was written from."""
+    return tuple(_as_key(v) for v in value) if isinstance(value, list) else value
+
+
+def _file_stamp(variant: Hashable) -> List:
+    """An image variant's key plus its file's size and modification time: a replaced or
+    regenerated image gets a new key."""
+    try:
+        stat = Path(variant[0]).stat()
+        return [*variant, stat.st_size, stat.st_mtime_ns]
+    except (OSError, TypeError, IndexError):
+        return list(variant) if isinstance(variant, tuple) else [str(variant)]
+
+
+def _store_key(identity: Mapping, pixels: Mapping[Hashable, np.ndarray], cond_rows: Mapping, chunk: int,
+               train_text_encoder: bool) -> str:
+    """16 hex digits naming the cached inputs: what computed them (``identity``: the base weights'
+    file, size and mtime, the VAE/conditioner config, MindSpore, the gm/ code) and every row."""
+    from gm.compile_cache import source_digest
+
+    material = {"identity": identity, "code": source_digest(), "mindspore": ms.__version__,
+                "device": ms.get_context("device_target"), "chunk": chunk, "text_cached": not train_text_encoder,
+                "images": [[*_file_stamp(v), list(pixels[v].shape)] for v in pixels],
+                "cond": list(cond_rows) if not train_text_encoder else []}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _as_batch(rows: Sequence[Mapping]) -> Dict[str, object]:

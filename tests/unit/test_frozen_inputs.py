@@ -2,6 +2,7 @@
 draws: the same latents, conditioning and loss, with random crops and flips; releasing the VAE
 and text encoders afterwards leaves training inputs intact."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,32 @@ def test_the_probe_through_the_train_step_is_the_mean_per_sample_loss(tiny_weigh
     for old, param in zip(before, trainable):
         np.testing.assert_array_equal(old, param.asnumpy())
     assert int(step.optimizer.state_step.asnumpy()) == 0 and int(step.micro_step.asnumpy()) == 0
+
+
+def test_stored_inputs_are_read_back_exactly_and_keyed_by_the_image_files(setup, tmp_path, monkeypatch):
+    engine, dataset, batches = setup
+    positions = [p for b in batches[:3] for p in b["positions"]]
+    identity = {"weights": "tiny", "seed": 0}
+    first = CachedInputs(engine, dataset, positions, chunk=2 * BATCH, store=tmp_path, identity=identity)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+
+    def no_encoding(*_):
+        raise AssertionError("encoded again although the inputs are stored")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FrozenInputs, "moments", no_encoding)
+        patch.setattr(FrozenInputs, "encode_conditioning", no_encoding)
+        second = CachedInputs(engine, dataset, positions, chunk=2 * BATCH, store=tmp_path, identity=identity)
+        for batch in batches[:3]:
+            for a, b in zip(_inputs(first, engine, batch), _inputs(second, engine, batch)):
+                np.testing.assert_array_equal(a, b)
+        # another base model (identity) is another entry
+        with pytest.raises(AssertionError, match="encoded again"):
+            CachedInputs(engine, dataset, positions, chunk=2 * BATCH, store=tmp_path,
+                         identity={**identity, "weights": "other"})
+    # a replaced photo (new mtime) is encoded again, into a second entry
+    photo = Path(next(iter(first.moments_by_variant))[0])
+    stat = photo.stat()
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    CachedInputs(engine, dataset, positions, chunk=2 * BATCH, store=tmp_path, identity=identity)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
