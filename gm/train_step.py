@@ -222,7 +222,7 @@ class TrainStep(nn.Cell):
                                               ops.where(keep, micro_step, ops.zeros_like(micro_step))))
         unscale = 1.0 / (self.loss_scale * self.grad_accum_steps)
         # the norm of one concatenated vector: a few ops in all instead of four per parameter (an
-        # eighth of the tiny LoRA step's ops, each ~25 us of launch time on the CPU target whatever
+        # eighth of the tiny LoRA step's ops, each ~20 us of launch time on the CPU target whatever
         # its size); unscaled before squaring: a loss-scaled fp16 gradient squared can overflow
         flat = ops.concat(self.hyper_map(_flat_float32, grads)) * unscale
         grad_norm = ops.sqrt(ops.reduce_sum(ops.square(flat)))
