@@ -9,8 +9,8 @@ the world's photos, its latent space then rescaled so the config's ``scale_facto
 unit-variance latents, then every UNet weight with the SDXL denoising loss on the VAE's latents
 of the same photos and their captions (10% dropped to the unconditional embedding), with both
 text encoders trained alongside (``unet.train_text_encoders``; off, they keep their seeded
-initialisation and the UNet must learn to read their random features). A killed run continues from its newest state in
-``--out/<stage>/state`` when started again with the same command. The result is
+initialisation and the UNet must learn to read their random features). A killed run continues
+from its newest state in ``--out/<stage>/state`` when started again with the same command. The result is
 ``--out/sd_xl_toy_world.safetensors`` (official single-file names, ``save.dtype``) and
 ``--out/MODEL_CARD.md`` (data, steps, losses, seed, time, the command that reproduces it).
 """
@@ -273,12 +273,12 @@ def heldout_reconstruction(engine, images: np.ndarray) -> Dict[str, float]:
             "heldout_psnr_db": float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))}
 
 
-def conditioning_table(engine, captions: List[str], resolution: int) -> Tuple[Dict[str, int], np.ndarray,
-                                                                                np.ndarray, np.ndarray, np.ndarray]:
-    """Each distinct caption's (crossattn, vector), and the unconditional pair (text zeroed, as sampling's)."""
+def conditioning_table(engine, distinct: List[str], resolution: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                              np.ndarray]:
+    """``(crossattn, vector)`` of each of the ``distinct`` captions, in order, and the unconditional
+    pair (text zeroed, as sampling's)."""
     from gm.frozen_inputs import eager
 
-    distinct = sorted(set(captions))
     crossattn, vector = [], []
     with eager():
         for start in range(0, len(distinct), 32):
@@ -287,8 +287,7 @@ def conditioning_table(engine, captions: List[str], resolution: int) -> Tuple[Di
             crossattn.append(cond["crossattn"].asnumpy())
             vector.append(cond["vector"].asnumpy())
         uncond_crossattn, uncond_vector = uncond["crossattn"].asnumpy()[:1], uncond["vector"].asnumpy()[:1]
-    index = {caption: i for i, caption in enumerate(distinct)}
-    return index, np.concatenate(crossattn), np.concatenate(vector), uncond_crossattn, uncond_vector
+    return np.concatenate(crossattn), np.concatenate(vector), uncond_crossattn, uncond_vector
 
 
 def size_batch(captions: List[str], resolution: int) -> Dict[str, object]:
@@ -338,8 +337,7 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, 
         text_columns = tuple((1.0 - keep[key])[None].astype(np.float32) for key in ("crossattn", "vector"))
         trainable_only([engine.model, *text_encoders(engine)], engine)
     else:
-        _, crossattn, vector, uncond_crossattn, uncond_vector = conditioning_table(
-            engine, captions, cfg.data.resolution)
+        crossattn, vector, uncond_crossattn, uncond_vector = conditioning_table(engine, distinct, cfg.data.resolution)
         trainable_only([engine.model], engine)
     # set before the UNet's training graph is built (the VAE's stage and the encoding ran per sample)
     fold_batch_into_matmul(cfg.kernels.unet_fold_batch)

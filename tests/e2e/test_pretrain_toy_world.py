@@ -84,3 +84,18 @@ def test_a_rerun_with_other_stage_settings_is_refused(pretrained):
     last = result.stderr.strip().splitlines()[-1]
     assert "unet.learning_rate=0.0008" in last and "not learning_rate=0.001" in last, last
     assert "start a new --out" in last and "Traceback" not in result.stderr
+
+
+def test_frozen_text_encoders_train_the_unet_only(pretrained, tmp_path):
+    # unet.train_text_encoders=false: the conditioning is computed once per caption and only the
+    # UNet is in the saved state (the default run trains both text encoders with it)
+    result = subprocess.run([sys.executable, "tools/pretrain_toy_world.py", "--out", str(tmp_path), *SMALL,
+                             "unet.train_text_encoders=false", "--unet_steps", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    frozen = _tensors(tmp_path / "unet" / "state" / "step_000002" / "train_state.safetensors")
+    trained = _tensors(pretrained / "unet" / "state" / "step_000003" / "train_state.safetensors")
+    assert any(k.startswith("model.diffusion_model.") for k in frozen)
+    assert not any(k.startswith("conditioner.") for k in frozen)
+    assert any(k.startswith("conditioner.") for k in trained)
+    assert (tmp_path / "sd_xl_toy_world.safetensors").is_file()
