@@ -139,7 +139,8 @@ def config_differences(saved_text: str, current: Mapping[str, Any], allowed: tup
     saved = OmegaConf.to_container(OmegaConf.create(saved_text), resolve=True)
     # flags that name outputs or the way in, not the trained numbers (the caller passes the rest)
     ignore = frozenset(allowed) | {"cli.resume_from_checkpoint", "cli.overwrite", "cli.init_lora",
-                                   "cli.compile_cache", "cli.save_path"}
+                                   "cli.compile_cache", "cli.compile_helper", "cli.input_cache",
+                                   "cli.save_path"}
     changes = config_changes(saved, json.loads(json.dumps(dict(current))), ignore)
     return [f"{key}: {then!r} then, {now!r} now" for key, then, now in changes]
 

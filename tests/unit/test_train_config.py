@@ -90,6 +90,7 @@ def test_the_schema_generates_every_config_flag_and_nothing_drifts():
     # every other flag of the script is about the run, not the training config
     run_flags = {"help", "config", "weight", "instance_data_path", "instance_prompt", "class_data_path",
                  "class_prompt", "save_path", "ms_mode", "device_target", "is_parallel", "compile_cache", "input_cache",
+                 "compile_helper", "compile_only",
                  "resume_from_checkpoint", "overwrite", "init_lora"}
     assert set(options) - set(FLAG_KEYS) == run_flags
     args = train_dreambooth.parse_args(["--train_data_repeat", "3", "--center_crop", "--random_flip", "false",
