@@ -163,7 +163,7 @@ def input_store(args: argparse.Namespace) -> Optional[Path]:
     return Path(args.input_cache) if args.input_cache else DEFAULT_ROOT.parent / "inputs"
 
 
-def input_identity(args: argparse.Namespace, cfg, weight: Optional[str]) -> dict:
+def input_identity(cfg, weight: Optional[str]) -> dict:
     """What the frozen inputs are a function of besides the images and prompts: the base weights
     (file, size, modification time; the seed of a random one), the VAE and text-encoder configs
     and the precision they run in."""
@@ -173,7 +173,7 @@ def input_identity(args: argparse.Namespace, cfg, weight: Optional[str]) -> dict
         path = Path(weight).resolve()
         files = sorted(path.rglob("*")) if path.is_dir() else [path]
         base = {"weights": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]}
-    return {**base, "precision": cfg.train.mixed_precision, "resolution": cfg.data.resolution,
+    return {**base, "precision": cfg.train.mixed_precision,
             "vae": OmegaConf.to_container(params.first_stage_config, resolve=True),
             "conditioner": OmegaConf.to_container(params.conditioner_config, resolve=True)}
 
@@ -430,7 +430,7 @@ def train(args: argparse.Namespace, cfg, parallel, helper=None) -> None:
                                                          parallel.world_size)]
         frozen = CachedInputs(engine, dataset, [*positions, *probe_positions(dataset)], chunk=rows,
                               train_text_encoder=lora.text_encoder, store=input_store(args),
-                              identity=input_identity(args, cfg, weight))
+                              identity=input_identity(cfg, weight))
         released = release_frozen_modules(engine, keep_sampling=keeps_sampling_modules(cfg, lora))
         _logger.info("released %.1f M frozen parameters no longer needed after caching", released / 1e6)
     else:

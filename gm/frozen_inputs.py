@@ -151,14 +151,14 @@ class CachedInputs(FrozenInputs):
         path = None
         if store is not None:
             path = Path(store) / f"{_store_key(identity or {}, pixels, cond_rows, chunk, train_text_encoder)}.npz"
-            if self._load(path, pixels, cond_rows):
-                self._encode = None
-                _logger.info("VAE moments and text conditioning read from %s", path)
-                return
-        with eager():
-            self._fill(pixels, cond_rows, chunk)
-        if path is not None:
-            self._save(path)
+        if path is not None and self._load(path, pixels, cond_rows):
+            _logger.info("VAE moments and text conditioning read from %s", path)
+        else:
+            with eager():
+                self._fill(pixels, cond_rows, chunk)
+            if path is not None:
+                self._save(path)
+        self._encode = None  # everything is cached: drop the VAE cell (and its hold on the weights)
 
     @staticmethod
     def _rows(dataset, positions: Iterable[int]) -> Tuple[Dict[Hashable, np.ndarray], Dict[Tuple, Dict[str, object]]]:
@@ -227,7 +227,6 @@ class CachedInputs(FrozenInputs):
                 for i, key in enumerate(part):
                     self.crossattn_by_prompt.setdefault(key[0], crossattn[i])
                     self.vector_by_key[key] = vector[i]
-        self._encode = None  # everything is cached: drop the VAE cell (and its hold on the weights)
         nbytes = sum(m.nbytes + s.nbytes for m, s in self.moments_by_variant.values())
         nbytes += sum(a.nbytes for a in self.crossattn_by_prompt.values())
         nbytes += sum(a.nbytes for a in self.vector_by_key.values())
@@ -262,14 +261,11 @@ def _as_key(value):
     return tuple(_as_key(v) for v in value) if isinstance(value, list) else value
 
 
-def _file_stamp(variant: Hashable) -> List:
-    """An image variant's key plus its file's size and modification time: a replaced or
-    regenerated image gets a new key."""
-    try:
-        stat = Path(variant[0]).stat()
-        return [*variant, stat.st_size, stat.st_mtime_ns]
-    except (OSError, TypeError, IndexError):
-        return list(variant) if isinstance(variant, tuple) else [str(variant)]
+def _file_stamp(variant: Tuple) -> List:
+    """An image variant's key ``(path, crop, flip)`` plus its file's size and modification time: a
+    replaced or regenerated image gets a new key."""
+    stat = Path(variant[0]).stat()
+    return [*variant, stat.st_size, stat.st_mtime_ns]
 
 
 def _store_key(identity: Mapping, pixels: Mapping[Hashable, np.ndarray], cond_rows: Mapping, chunk: int,
