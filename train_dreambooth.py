@@ -21,6 +21,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
@@ -263,7 +264,34 @@ def use_compile_helper(args: argparse.Namespace, cfg, folder: Optional[Path], wo
 
     return (args.compile_helper == "auto" and folder is not None and not is_warm(folder) and world_size == 1
             and args.device_target == "CPU" and args.ms_mode == 0 and cfg.train.cache_latents
-            and not cfg.lora.train_text_encoder)
+            and not cfg.lora.train_text_encoder and helper_fits(cfg, available_memory()))
+
+
+# the helper holds a second copy of the model beside the run's, plus the compiler's memory (at tiny
+# and medium size ~1-3x the weights): only small models, where a second copy costs little
+HELPER_MAX_MODEL_FRACTION = 1 / 8
+
+
+def helper_fits(cfg, available: Optional[int]) -> bool:
+    """Whether the model's fp32 weights are at most ``HELPER_MAX_MODEL_FRACTION`` of ``available``
+    bytes (None: unknown, allowed). Counted on a model declared without memory."""
+    if available is None:
+        return True
+    from gm.models.diffusion import build_engine
+
+    weights = sum(4 * math.prod(p.shape) for p in build_engine(cfg.model, allocate=False).get_parameters())
+    return weights <= HELPER_MAX_MODEL_FRACTION * available
+
+
+def available_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def build_model(args: argparse.Namespace, cfg):

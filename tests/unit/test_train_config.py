@@ -111,3 +111,16 @@ def test_yaml_only_keys_are_checked_by_the_same_schema(tmp_path, section, key, v
     bad.write_text(OmegaConf.to_yaml({"base_config": "configs/inference/sd_xl_tiny.yaml", section: {key: value}}))
     with pytest.raises(ConfigError, match=f"bad.yaml: {message}"):
         load_training_config(bad)
+
+
+def test_compile_helper_only_for_models_a_second_copy_of_costs_little():
+    import train_dreambooth
+
+    tiny = load_training_config(TINY)
+    full = load_training_config("configs/training/sd_xl_base_finetune_dreambooth_lora_910b.yaml")
+    machine = 24 * 2**30  # this machine's RAM
+    assert train_dreambooth.helper_fits(tiny, machine)
+    # 3.5 B fp32 parameters (14 GB): a second copy in the helper would not fit beside the run
+    assert not train_dreambooth.helper_fits(full, machine)
+    assert train_dreambooth.helper_fits(full, None)  # memory unknown: the helper is allowed
+    assert train_dreambooth.available_memory() > 0  # /proc/meminfo on these machines
