@@ -189,9 +189,14 @@ class ToyWorldJudge:
 
     def embed(self, images) -> np.ndarray:
         """What the judge sees in each image: the concatenated probabilities of its heads (N, 18),
-        e.g. "subject, red, striped". Cosines of these compare objects, not backgrounds or poses."""
-        x = (image_features(images) - self.mean) / self.std
-        return _softmax_heads(np.maximum(x @ self.w1 + self.b1, 0.0) @ self.w2 + self.b2)
+        e.g. "subject, red, striped". Cosines of these compare objects, not backgrounds or poses.
+
+        In float64: a float32 matmul's rounding follows the BLAS thread count, and ``1 - cosine``
+        (the diversity) magnifies it -- the same images read 1.3e-6 apart (relative) in two processes.
+        """
+        x = (image_features(images).astype(np.float64) - self.mean) / self.std
+        hidden = np.maximum(x @ self.w1.astype(np.float64) + self.b1, 0.0)
+        return _softmax_heads(hidden @ self.w2.astype(np.float64) + self.b2)
 
     def predict(self, images, head: str = "label") -> np.ndarray:
         """The most likely name of ``head`` (label, colour or pattern) for each image."""
