@@ -206,6 +206,11 @@ def resume_state_folder(args: argparse.Namespace, effective: dict) -> Optional[P
     return folder
 
 
+def micro_batch_rows(cfg, with_prior: bool) -> int:
+    """Rows of one micro-batch: the instance samples, and as many class samples with the prior."""
+    return cfg.data.batch_size * (2 if with_prior else 1)
+
+
 def prior_preservation(args: argparse.Namespace, cfg) -> bool:
     """Whether class samples are trained on (a class folder and a positive prior-loss weight)."""
     return bool(args.class_data_path) and cfg.train.prior_loss_weight > 0
@@ -368,7 +373,7 @@ def compile_train_step(args: argparse.Namespace, cfg, with_prior: bool) -> None:
 
     start = time.perf_counter()
     engine, _ = build_model(args, cfg)
-    rows = cfg.data.batch_size * (2 if with_prior else 1)
+    rows = micro_batch_rows(cfg, with_prior)
     resolution = cfg.data.resolution
     with eager():  # the conditioning's shapes, from the text encoders about to be released
         cond = {"txt": [""] * rows, **{key: np.full((rows, 2), resolution, np.float32) for key in SIZE_KEYS}}
@@ -451,7 +456,7 @@ def train(args: argparse.Namespace, cfg, parallel, helper=None) -> None:
         check_ranks_agree(parallel, parameters_bytes(list(train_step.state_parameters().items())),
                           "the resumed training state (several machines: put --save_path on a filesystem they share)")
     timings["build_s"] = round(time.perf_counter() - start_time, 2)
-    rows = cfg.data.batch_size * (2 if with_prior else 1)  # per micro-batch
+    rows = micro_batch_rows(cfg, with_prior)
     if cfg.train.cache_latents:
         positions = [p for micro in range(cfg.train.max_train_steps * accum)
                      for p in dataset.schedule.positions(micro, cfg.data.batch_size, parallel.rank,

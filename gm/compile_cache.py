@@ -139,9 +139,9 @@ def graph_signature(cell, args: Sequence[Any]) -> dict:
             "parameters": params.hexdigest()}
 
 
-def is_warm(folder: Optional[Path]) -> bool:
+def is_warm(folder: Path) -> bool:
     """Whether ``folder`` holds a complete cached train step."""
-    return folder is not None and (folder / SIGNATURE_FILE).is_file()
+    return (folder / SIGNATURE_FILE).is_file()
 
 
 def _install_per_graph_switch(root: Path, exclusive: bool) -> None:
