@@ -69,13 +69,14 @@ def fixed_noise_instance_loss(train_step, frozen: FrozenInputs, dataset, seed: i
     costs a train step below). The latents (and, with frozen text encoders, the conditioning)
     are computed once.
 
-    ``reuse_train_step`` (graph mode, no LoRA dropout): the rows go through the compiled train
-    step itself (``TrainStep.measure``: its losses, no update), so the probe compiles nothing of
-    its own (a forward-only graph cost ~25 s of the tiny run's first step, and ~7 GB and 4 minutes
-    at full size); each call's instance (and class) half holds ``batch_size`` distinct probe rows,
-    a half mean counting for its rows, and rows left over fill a half alone, repeated. Otherwise
-    (PyNative, where nothing is compiled; LoRA dropout, which the train mode applies) the loss
-    cell's per-sample loss runs in eval mode on chunks of the micro-batch's row count."""
+    ``reuse_train_step`` (graph mode or PyNative with compiled UNet levels, no LoRA dropout): the
+    rows go through the compiled train step itself (``TrainStep.measure``: its losses, no update),
+    so the probe compiles nothing of its own (a forward-only graph cost ~25 s of the tiny run's
+    first step, and ~7 GB and 4 minutes at full size); each call's instance (and class) half holds
+    ``batch_size`` distinct probe rows, a half mean counting for its rows, and rows left over fill
+    a half alone, repeated. Otherwise (all-eager PyNative, where nothing is compiled; LoRA dropout,
+    which the train mode applies) the loss cell's per-sample loss runs in eval mode on chunks of
+    the micro-batch's row count."""
     samples = [dataset.sample(p) for p in probe_positions(dataset)]
     batch = {k: v for k, v in collate(samples).items() if not k.startswith("class_")}
     _, cond_batch = model_inputs(batch)

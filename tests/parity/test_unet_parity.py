@@ -21,6 +21,7 @@ from gm.checkpoint import diffusers_unet
 from gm.checkpoint.keymap import check_rules, rule_shapes
 from gm.checkpoint.load import load_diffusers_component, load_single_file_component, single_file_state_from_diffusers
 from gm.modules.diffusionmodules.util import timestep_embedding
+from gm.modules.pynative_jit import compile_in_pynative
 from gm.util import instantiate_from_config
 
 BATCH, LATENT, TOKENS = 2, 16, 77
@@ -211,10 +212,8 @@ GRAD_PARAMS = [
 ]
 
 
-def test_unet_gradients_match_reference(unet, ref_unet, ref_state, inputs, vector):
-    """Backward parity (training): d(sum(out * w))/d(params, latents) against torch autograd."""
-    _clear(unet)
-    load_single_file_component(unet, single_file_state_from_diffusers("unet", unet, ref_state), "unet")
+def _gradient_pairs(unet, ref_unet, inputs, vector, compile_grad: bool):
+    """(name, ours, reference) for d(sum(out * w))/d(params, latents), ours against torch autograd."""
     weights = np.random.default_rng(1).standard_normal(inputs["latents"].shape).astype(np.float32)
     params = dict(unet.parameters_and_names())
     grad_params = [params[name] for name in GRAD_PARAMS]
@@ -223,7 +222,8 @@ def test_unet_gradients_match_reference(unet, ref_unet, ref_state, inputs, vecto
     def loss_fn(x, t, c, y):
         return (unet(x, t, c, y) * w).sum()
 
-    grad_fn = ms.jit(ms.grad(loss_fn, grad_position=0, weights=grad_params))
+    grad_fn = ms.grad(loss_fn, grad_position=0, weights=grad_params)
+    grad_fn = ms.jit(grad_fn) if compile_grad else grad_fn
     x_grad, param_grads = grad_fn(*(ms.Tensor(a) for a in (inputs["latents"], inputs["timesteps"],
                                                             inputs["context"], vector)))
 
@@ -236,7 +236,34 @@ def test_unet_gradients_match_reference(unet, ref_unet, ref_state, inputs, vecto
     ref_params = dict(ref_unet.named_parameters())
     names = [diffusers_unet.diffusers_name(unet, name) for name in GRAD_PARAMS]
     pairs = [("latents", x_grad.asnumpy(), latents.grad.numpy())]
-    pairs += [(n, g.asnumpy(), ref_params[d].grad.numpy()) for n, g, d in zip(GRAD_PARAMS, param_grads, names)]
+    return pairs + [(n, g.asnumpy(), ref_params[d].grad.numpy()) for n, g, d in zip(GRAD_PARAMS, param_grads, names)]
+
+
+def _assert_pairs_close(pairs):
     for name, ours, theirs in pairs:
         diff = float(np.abs(ours - theirs).max())
         assert diff <= _tolerance(theirs), f"{name}: max diff {diff:.3g}, max |ref| {np.abs(theirs).max():.3g}"
+
+
+def test_unet_gradients_match_reference(unet, ref_unet, ref_state, inputs, vector):
+    """Backward parity (training): d(sum(out * w))/d(params, latents) against torch autograd."""
+    _clear(unet)
+    load_single_file_component(unet, single_file_state_from_diffusers("unet", unet, ref_state), "unet")
+    _assert_pairs_close(_gradient_pairs(unet, ref_unet, inputs, vector, compile_grad=True))
+
+
+def test_pynative_with_compiled_levels_matches_reference(ref_unet, ref_state, ref_output, inputs, vector):
+    """``--pynative_jit``: in PyNative each UNet level runs as a compiled graph and MindSpore
+    differentiates through them; output and gradients are still the reference's."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        net = instantiate_from_config(_network_config(reference.TINY_CONFIG))
+        net.set_train(False)
+        load_single_file_component(net, single_file_state_from_diffusers("unet", net, ref_state), "unet")
+        assert compile_in_pynative(net) == len(net.input_blocks) + 1 + len(net.output_blocks)
+        ours = _run(net, inputs, vector)
+        diff = float(np.abs(ours - ref_output).max())
+        assert diff <= _tolerance(ref_output), f"max diff {diff:.3g}"
+        _assert_pairs_close(_gradient_pairs(net, ref_unet, inputs, vector, compile_grad=False))
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)

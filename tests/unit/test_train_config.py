@@ -90,7 +90,7 @@ def test_the_schema_generates_every_config_flag_and_nothing_drifts():
     # every other flag of the script is about the run, not the training config
     run_flags = {"help", "config", "weight", "instance_data_path", "instance_prompt", "class_data_path",
                  "class_prompt", "save_path", "ms_mode", "device_target", "is_parallel", "compile_cache", "input_cache",
-                 "compile_helper", "compile_only",
+                 "compile_helper", "compile_only", "pynative_jit",
                  "resume_from_checkpoint", "overwrite", "init_lora"}
     assert set(options) - set(FLAG_KEYS) == run_flags
     args = train_dreambooth.parse_args(["--train_data_repeat", "3", "--center_crop", "--random_flip", "false",
@@ -113,14 +113,20 @@ def test_yaml_only_keys_are_checked_by_the_same_schema(tmp_path, section, key, v
         load_training_config(bad)
 
 
-def test_compile_helper_only_for_models_a_second_copy_of_costs_little():
-    import train_dreambooth
+def test_memory_hungry_switches_only_for_models_small_beside_the_memory():
+    from gm.memory import available_memory, is_small_model
+    from gm.modules.pynative_jit import use_pynative_jit
 
     tiny = load_training_config(TINY)
     full = load_training_config("configs/training/sd_xl_base_finetune_dreambooth_lora_910b.yaml")
     machine = 24 * 2**30  # this machine's RAM
-    assert train_dreambooth.helper_fits(tiny, machine)
-    # 3.5 B fp32 parameters (14 GB): a second copy in the helper would not fit beside the run
-    assert not train_dreambooth.helper_fits(full, machine)
-    assert train_dreambooth.helper_fits(full, None)  # memory unknown: the helper is allowed
-    assert train_dreambooth.available_memory() > 0  # /proc/meminfo on these machines
+    assert is_small_model(tiny.model, machine)
+    # 3.5 B fp32 parameters (14 GB): a second copy in the compile helper would not fit beside the
+    # run, nor PyNative's compiled levels (measured: beyond 24 GB)
+    assert not is_small_model(full.model, machine)
+    assert is_small_model(full.model, None)  # memory unknown: allowed
+    assert available_memory() > 0  # /proc/meminfo on these machines
+    assert use_pynative_jit("auto", 1, "CPU", tiny.model)
+    assert not use_pynative_jit("auto", 1, "CPU", full.model) and use_pynative_jit("on", 1, "CPU", full.model)
+    assert not use_pynative_jit("auto", 1, "Ascend", tiny.model)  # measured on the CPU only
+    assert not use_pynative_jit("on", 0, "CPU", tiny.model) and not use_pynative_jit("off", 1, "CPU", tiny.model)

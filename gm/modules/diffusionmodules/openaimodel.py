@@ -16,6 +16,7 @@ from mindspore import Tensor, nn, ops
 from gm.modules.attention import SpatialTransformer, dropout_cell
 from gm.modules.diffusionmodules.util import timestep_embedding, zero_module
 from gm.modules.layers import Conv2d, Embedding, GroupNorm, Identity, Linear, SiLU
+from gm.modules.pynative_jit import PyNativeCompilable
 
 
 def _norm(channels: int) -> GroupNorm:
@@ -81,8 +82,10 @@ class Upsample(nn.Cell):
         return self.conv(x)
 
 
-class TimestepEmbedSequential(nn.SequentialCell):
-    """A sequence whose ResBlocks get the timestep embedding and transformers get the context."""
+class TimestepEmbedSequential(PyNativeCompilable, nn.SequentialCell):
+    """A sequence whose ResBlocks get the timestep embedding and transformers get the context.
+
+    One UNet level; with ``--pynative_jit`` it runs as one compiled graph in PyNative mode."""
 
     def construct(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         """x: (B, C, H, W); emb: (B, E); context: (B, L, D)."""
