@@ -270,11 +270,13 @@ def use_compile_helper(args: argparse.Namespace, cfg, folder: Optional[Path], wo
     compile cache, standalone graph mode on the CPU (where the gain was measured), and inputs the
     helper can shape without the data (cached latents, frozen text encoders)."""
     from gm.compile_cache import is_warm
-    from gm.memory import available_memory, is_small_model
+    from gm.memory import available_memory, fp32_weight_bytes, is_small_model
+    from gm.models.diffusion import build_engine
 
     return (args.compile_helper == "auto" and folder is not None and not is_warm(folder) and world_size == 1
             and args.device_target == "CPU" and args.ms_mode == 0 and cfg.train.cache_latents
-            and not cfg.lora.train_text_encoder and is_small_model(cfg.model, available_memory()))
+            and not cfg.lora.train_text_encoder
+            and is_small_model(fp32_weight_bytes(build_engine(cfg.model, allocate=False)), available_memory()))
 
 
 def build_model(args: argparse.Namespace, cfg):
@@ -295,7 +297,7 @@ def build_model(args: argparse.Namespace, cfg):
     else:
         _logger.warning("no base weights (--weight none or a config without one): training on a randomly "
                         "initialised base")
-    if use_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, cfg.model):
+    if use_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, engine):
         levels = compile_in_pynative(engine.model.diffusion_model)
         _logger.info("PyNative: %d UNet levels run as compiled graphs (--pynative_jit off: all eagerly)", levels)
     return engine, weight

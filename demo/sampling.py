@@ -60,7 +60,7 @@ def cached_sampler(config: str, weight: str, loras: tuple, ms_mode: int, device_
     engine = build_engine(config)
     if weight:
         load_base_with_loras(engine, weight, loras)  # LoRAs merged: served at the base model's cost
-    if use_pynative_jit("auto", ms_mode, device_target, config):
+    if use_pynative_jit("auto", ms_mode, device_target, engine):
         compile_in_pynative(engine.model.diffusion_model)
     return Sampler(engine)
 

@@ -207,7 +207,7 @@ def main(argv=None) -> None:
     else:
         _logger.warning("no --weight given: sampling with randomly initialised weights")
     apply_mixed_precision(engine, args.precision, "--precision")  # after the merge: the weights stay fp32
-    if use_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, args.config):
+    if use_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, engine):
         compile_in_pynative(engine.model.diffusion_model)
     sampler = Sampler(engine)
     save_path = Path(args.save_path)

@@ -14,17 +14,15 @@ from typing import Optional
 SMALL_MODEL_FRACTION = 1 / 8
 
 
-def fp32_weight_bytes(model_cfg) -> int:
-    """Bytes of the model's weights in fp32, counted on a model declared without memory."""
-    from gm.models.diffusion import build_engine
-
-    return sum(4 * math.prod(p.shape) for p in build_engine(model_cfg, allocate=False).get_parameters())
+def fp32_weight_bytes(model) -> int:
+    """Bytes of a model's weights in fp32 (shapes only: a model declared without memory will do)."""
+    return sum(4 * math.prod(p.shape) for p in model.get_parameters())
 
 
-def is_small_model(model_cfg, available: Optional[int]) -> bool:
-    """Whether the model's fp32 weights are at most ``SMALL_MODEL_FRACTION`` of ``available``
-    bytes (None: unknown, counted as small)."""
-    return available is None or fp32_weight_bytes(model_cfg) <= SMALL_MODEL_FRACTION * available
+def is_small_model(weight_bytes: int, available: Optional[int]) -> bool:
+    """Whether ``weight_bytes`` (``fp32_weight_bytes``) are at most ``SMALL_MODEL_FRACTION`` of
+    ``available`` bytes (None: unknown, counted as small)."""
+    return available is None or weight_bytes <= SMALL_MODEL_FRACTION * available
 
 
 def available_memory() -> Optional[int]:

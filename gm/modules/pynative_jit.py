@@ -83,15 +83,15 @@ def run_eagerly(root: nn.Cell) -> None:
         cell.__dict__.pop("_pynative_graph", None)
 
 
-def use_pynative_jit(setting: str, ms_mode: int, device_target: str, model_cfg) -> bool:
+def use_pynative_jit(setting: str, ms_mode: int, device_target: str, model: nn.Cell) -> bool:
     """``--pynative_jit``: ``on``/``off``, or ``auto``: on in PyNative on the CPU target (where it
-    was measured) for a model small beside the free memory (``gm.memory.is_small_model``: the
+    was measured) for a ``model`` (the built engine) small beside the free memory (``gm.memory.is_small_model``: the
     compiled graphs hold ~1-5x the fp32 weights at tiny and medium size; at full SDXL size the
     process outgrew 24 GB where all-eager PyNative peaks at 16 GB)."""
     if ms_mode != 1 or setting == "off":
         return False
     if setting == "on":
         return True
-    from gm.memory import available_memory, is_small_model
+    from gm.memory import available_memory, fp32_weight_bytes, is_small_model
 
-    return device_target == "CPU" and is_small_model(model_cfg, available_memory())
+    return device_target == "CPU" and is_small_model(fp32_weight_bytes(model), available_memory())

@@ -114,19 +114,21 @@ def test_yaml_only_keys_are_checked_by_the_same_schema(tmp_path, section, key, v
 
 
 def test_memory_hungry_switches_only_for_models_small_beside_the_memory():
-    from gm.memory import available_memory, is_small_model
+    from gm.memory import available_memory, fp32_weight_bytes, is_small_model
+    from gm.models.diffusion import build_engine
     from gm.modules.pynative_jit import use_pynative_jit
 
-    tiny = load_training_config(TINY)
-    full = load_training_config("configs/training/sd_xl_base_finetune_dreambooth_lora_910b.yaml")
+    tiny = build_engine(load_training_config(TINY).model, allocate=False)
+    full = build_engine(load_training_config("configs/training/sd_xl_base_finetune_dreambooth_lora_910b.yaml").model,
+                        allocate=False)
     machine = 24 * 2**30  # this machine's RAM
-    assert is_small_model(tiny.model, machine)
+    assert is_small_model(fp32_weight_bytes(tiny), machine)
     # 3.5 B fp32 parameters (14 GB): a second copy in the compile helper would not fit beside the
     # run, nor PyNative's compiled levels (measured: beyond 24 GB)
-    assert not is_small_model(full.model, machine)
-    assert is_small_model(full.model, None)  # memory unknown: allowed
+    assert not is_small_model(fp32_weight_bytes(full), machine)
+    assert is_small_model(fp32_weight_bytes(full), None)  # memory unknown: allowed
     assert available_memory() > 0  # /proc/meminfo on these machines
-    assert use_pynative_jit("auto", 1, "CPU", tiny.model)
-    assert not use_pynative_jit("auto", 1, "CPU", full.model) and use_pynative_jit("on", 1, "CPU", full.model)
-    assert not use_pynative_jit("auto", 1, "Ascend", tiny.model)  # measured on the CPU only
-    assert not use_pynative_jit("on", 0, "CPU", tiny.model) and not use_pynative_jit("off", 1, "CPU", tiny.model)
+    assert use_pynative_jit("auto", 1, "CPU", tiny)
+    assert not use_pynative_jit("auto", 1, "CPU", full) and use_pynative_jit("on", 1, "CPU", full)
+    assert not use_pynative_jit("auto", 1, "Ascend", tiny)  # measured on the CPU only
+    assert not use_pynative_jit("on", 0, "CPU", tiny) and not use_pynative_jit("off", 1, "CPU", tiny)
