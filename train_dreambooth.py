@@ -64,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: on a cold compile cache, a standalone CPU run compiles the train step in a "
                         "short-lived second process while it builds and encodes its inputs, then loads it (the "
                         "step then runs ~30%% faster in ~0.7 GB less); off: compile in this process")
-    p.add_argument("--pynative_jit", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--pynative_jit", choices=("auto", "on", "off", "shared"), default="auto",
                    help="PyNative (--ms_mode 1): run each UNet level as one compiled graph, the rest eagerly "
-                        "(measured 6-15x faster steps, more memory); auto: on the CPU for models whose fp32 "
-                        "weights are at most 1/8 of the free memory; off: every op eagerly, for stepping "
-                        "through the UNet")
+                        "(measured 6-15x faster steps, more memory); shared: each ResBlock and transformer "
+                        "block through one compiled graph per block structure (few graphs however deep the "
+                        "model; the backward recomputes each block); auto: on (levels) on the CPU for models "
+                        "whose fp32 weights are at most 1/8 of the free memory; off: every op eagerly, for "
+                        "stepping through the UNet")
     p.add_argument("--compile_only", action="store_true", help=argparse.SUPPRESS)  # the compile helper itself
     p.add_argument("--input_cache", default=None,
                    help="folder where the cached VAE moments and text conditioning (--cache_latents) are kept "
@@ -286,7 +288,7 @@ def build_model(args: argparse.Namespace, cfg):
 
     from gm.checkpoint.load import load_weights
     from gm.models.diffusion import build_engine
-    from gm.modules.pynative_jit import compile_in_pynative, use_pynative_jit
+    from gm.modules.pynative_jit import apply_pynative_jit
 
     ms.set_seed(cfg.train.seed)  # every rank draws the same random initial weights (LoRA A, a random base)
     engine = build_engine(cfg.model)
@@ -297,9 +299,10 @@ def build_model(args: argparse.Namespace, cfg):
     else:
         _logger.warning("no base weights (--weight none or a config without one): training on a randomly "
                         "initialised base")
-    if use_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, engine):
-        levels = compile_in_pynative(engine.model.diffusion_model)
-        _logger.info("PyNative: %d UNet levels run as compiled graphs (--pynative_jit off: all eagerly)", levels)
+    chosen = apply_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, engine)
+    if chosen != "off":
+        _logger.info("PyNative: the UNet's %s run as compiled graphs (--pynative_jit off: all eagerly)",
+                     "levels" if chosen == "levels" else "blocks, one graph per block structure,")
     return engine, weight
 
 

@@ -28,7 +28,7 @@ from gm.checkpoint.lora_merge import load_base_with_loras, parse_lora_spec  # no
 from gm.errors import ConfigError, UserError  # noqa: E402
 from gm.inference import DISCRETIZATIONS, SAMPLERS, Sampler, SamplingOptions, set_mode  # noqa: E402
 from gm.models.diffusion import build_engine  # noqa: E402
-from gm.modules.pynative_jit import compile_in_pynative, use_pynative_jit  # noqa: E402
+from gm.modules.pynative_jit import apply_pynative_jit  # noqa: E402
 
 DEFAULT_CONFIG = str(REPO / "configs" / "inference" / "sd_xl_base.yaml")
 
@@ -60,8 +60,7 @@ def cached_sampler(config: str, weight: str, loras: tuple, ms_mode: int, device_
     engine = build_engine(config)
     if weight:
         load_base_with_loras(engine, weight, loras)  # LoRAs merged: served at the base model's cost
-    if use_pynative_jit("auto", ms_mode, device_target, engine):
-        compile_in_pynative(engine.model.diffusion_model)
+    apply_pynative_jit("auto", ms_mode, device_target, engine)
     return Sampler(engine)
 
 

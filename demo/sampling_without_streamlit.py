@@ -46,7 +46,7 @@ from gm.inference import (  # noqa: E402
     set_mode,
 )
 from gm.models.diffusion import build_engine  # noqa: E402
-from gm.modules.pynative_jit import compile_in_pynative, use_pynative_jit  # noqa: E402
+from gm.modules.pynative_jit import apply_pynative_jit  # noqa: E402
 from gm.precision import PRECISIONS, apply_mixed_precision  # noqa: E402
 
 _logger = logging.getLogger("gm.sampling")
@@ -96,8 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, default=0.75, help="img2img: how much of the schedule to redo")
     p.add_argument("--save_path", default="outputs/samples")
     p.add_argument("--ms_mode", type=int, default=0, help="0: graph mode, 1: PyNative")
-    p.add_argument("--pynative_jit", choices=("auto", "on", "off"), default="auto",
-                   help="PyNative: each UNet level as one compiled graph (auto: on the CPU for small models)")
+    p.add_argument("--pynative_jit", choices=("auto", "on", "off", "shared"), default="auto",
+                   help="PyNative: each UNet level as one compiled graph (auto: on the CPU for small models); "
+                        "shared: one graph per block structure")
     p.add_argument("--device_target", default="CPU")
     return p.parse_args(argv)
 
@@ -207,8 +208,7 @@ def main(argv=None) -> None:
     else:
         _logger.warning("no --weight given: sampling with randomly initialised weights")
     apply_mixed_precision(engine, args.precision, "--precision")  # after the merge: the weights stay fp32
-    if use_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, engine):
-        compile_in_pynative(engine.model.diffusion_model)
+    apply_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, engine)
     sampler = Sampler(engine)
     save_path = Path(args.save_path)
     first = next_image_index(save_path)  # continue after images already there: a run never replaces one

@@ -9,6 +9,7 @@ from mindspore import Tensor, nn, ops
 
 from gm.modules.diffusionmodules.util import zero_module
 from gm.modules.layers import Conv2d, GroupNorm, Identity, LayerNorm, Linear, gelu_exact
+from gm.modules.pynative_jit import PyNativeCompilable
 
 _BMM = ops.BatchMatMul()
 _BMM_KT = ops.BatchMatMul(transpose_b=True)
@@ -105,7 +106,7 @@ class FeedForward(nn.Cell):
         return self.net(x)
 
 
-class BasicTransformerBlock(nn.Cell):
+class BasicTransformerBlock(PyNativeCompilable, nn.Cell):
     """Pre-norm block: self-attention, cross-attention over ``context``, GEGLU MLP, each residual.
 
     Names: ``norm1``/``attn1``, ``norm2``/``attn2``, ``norm3``/``ff``; LayerNorms with eps 1e-5.

@@ -20,7 +20,6 @@ never runs (it parses ``construct``), and only in PyNative does a level take the
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
 
 import mindspore as ms
 from mindspore import nn
@@ -55,19 +54,28 @@ class PyNativeCompilable:
     ``construct`` as one compiled graph. Put it before ``nn.Cell`` (or a subclass) in the bases."""
 
     def __call__(self, *args, **kwargs):
-        compiled: Optional[_CompiledConstruct] = self.__dict__.get("_pynative_graph")
+        compiled = self.__dict__.get("_pynative_graph")
         if compiled is None or kwargs or ms.get_context("mode") != ms.PYNATIVE_MODE:
             return super().__call__(*args, **kwargs)
         return compiled(*args)
 
 
-def compile_in_pynative(root: nn.Cell) -> int:
-    """Make every ``PyNativeCompilable`` cell under ``root`` (itself included) run as a compiled
-    graph in PyNative mode. Returns how many cells were switched."""
+def compile_in_pynative(root: nn.Cell, shared: bool = False) -> int:
+    """Make the UNet levels (``TimestepEmbedSequential``) under ``root`` (itself included) run as
+    compiled graphs in PyNative mode, or with ``shared`` its ResBlocks and transformer blocks
+    through one compiled graph per block structure (``gm.modules.shared_graphs``). Returns how many
+    cells were switched."""
+    from gm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential
+    from gm.modules.shared_graphs import SharedBlockCall, shared_block_types
+
+    run_eagerly(root)
+    kinds = shared_block_types() if shared else (TimestepEmbedSequential,)
+    templates: dict = {}
     count = 0
     for _, cell in root.cells_and_names():
-        if isinstance(cell, PyNativeCompilable):
-            object.__setattr__(cell, "_pynative_graph", _CompiledConstruct(cell))
+        if isinstance(cell, PyNativeCompilable) and isinstance(cell, kinds):
+            call = SharedBlockCall(cell, templates) if shared else _CompiledConstruct(cell)
+            object.__setattr__(cell, "_pynative_graph", call)
             count += 1
     return count
 
@@ -83,15 +91,26 @@ def run_eagerly(root: nn.Cell) -> None:
         cell.__dict__.pop("_pynative_graph", None)
 
 
-def use_pynative_jit(setting: str, ms_mode: int, device_target: str, model: nn.Cell) -> bool:
-    """``--pynative_jit``: ``on``/``off``, or ``auto``: on in PyNative on the CPU target (where it
-    was measured) for a ``model`` (the built engine) small beside the free memory (``gm.memory.is_small_model``: the
-    compiled graphs hold ~1-5x the fp32 weights at tiny and medium size; at full SDXL size the
-    process outgrew 24 GB where all-eager PyNative peaks at 16 GB)."""
+def use_pynative_jit(setting: str, ms_mode: int, device_target: str, model: nn.Cell) -> str:
+    """What ``--pynative_jit`` compiles: ``"levels"``, ``"shared"`` or ``"off"``. ``on`` means
+    levels; ``shared`` one graph per block structure (``gm.modules.shared_graphs``); ``auto``:
+    levels in PyNative on the CPU target (where it was measured) for a ``model`` (the built engine)
+    small beside the free memory (``gm.memory.is_small_model``: the compiled levels hold ~1-5x the
+    fp32 weights at tiny and medium size; at full SDXL size the process outgrew 24 GB where
+    all-eager PyNative peaks at 16 GB), else off."""
     if ms_mode != 1 or setting == "off":
-        return False
-    if setting == "on":
-        return True
+        return "off"
+    if setting in ("on", "shared"):
+        return "levels" if setting == "on" else "shared"
     from gm.memory import available_memory, fp32_weight_bytes, is_small_model
 
-    return device_target == "CPU" and is_small_model(fp32_weight_bytes(model), available_memory())
+    small = device_target == "CPU" and is_small_model(fp32_weight_bytes(model), available_memory())
+    return "levels" if small else "off"
+
+
+def apply_pynative_jit(setting: str, ms_mode: int, device_target: str, engine: nn.Cell) -> str:
+    """``use_pynative_jit`` applied to the engine's UNet; returns what it chose."""
+    chosen = use_pynative_jit(setting, ms_mode, device_target, engine)
+    if chosen != "off":
+        compile_in_pynative(engine.model.diffusion_model, shared=chosen == "shared")
+    return chosen

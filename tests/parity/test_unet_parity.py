@@ -252,15 +252,18 @@ def test_unet_gradients_match_reference(unet, ref_unet, ref_state, inputs, vecto
     _assert_pairs_close(_gradient_pairs(unet, ref_unet, inputs, vector, compile_grad=True))
 
 
-def test_pynative_with_compiled_levels_matches_reference(ref_unet, ref_state, ref_output, inputs, vector):
+@pytest.mark.parametrize("shared", [False, True], ids=["levels", "shared_blocks"])
+def test_pynative_with_compiled_levels_matches_reference(ref_unet, ref_state, ref_output, inputs, vector, shared):
     """``--pynative_jit``: in PyNative each UNet level runs as a compiled graph and MindSpore
-    differentiates through them; output and gradients are still the reference's."""
+    differentiates through them, or (``shared``) each block runs one compiled graph per block
+    structure with its own custom backward; output and gradients are still the reference's."""
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
         net = instantiate_from_config(_network_config(reference.TINY_CONFIG))
         net.set_train(False)
         load_single_file_component(net, single_file_state_from_diffusers("unet", net, ref_state), "unet")
-        assert compile_in_pynative(net) == len(net.input_blocks) + 1 + len(net.output_blocks)
+        switched = compile_in_pynative(net, shared=shared)
+        assert switched == (34 if shared else len(net.input_blocks) + 1 + len(net.output_blocks))
         ours = _run(net, inputs, vector)
         diff = float(np.abs(ours - ref_output).max())
         assert diff <= _tolerance(ref_output), f"max diff {diff:.3g}"

@@ -23,7 +23,7 @@ def _norm(channels: int) -> GroupNorm:
     return GroupNorm(32, channels, eps=1e-5)
 
 
-class ResBlock(nn.Cell):
+class ResBlock(PyNativeCompilable, nn.Cell):
     """Residual block conditioned on the timestep embedding.
 
     ``in_layers`` = [GroupNorm, SiLU, conv3x3], ``emb_layers`` = [SiLU, Linear],
