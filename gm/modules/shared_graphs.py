@@ -11,11 +11,11 @@ backward graph per structure, whatever the depth.
 
 Two MindSpore 2.10 behaviours shape this (measured on toy networks): a jit graph is keyed by the
 identity of ``Parameter`` arguments (so the weights go in as plain tensors, ``Parameter.value()``:
-no copy), and differentiating
-through a shared graph fed such tensors returned zero weight gradients from the second gradient
-call on. So the call is a ``Cell`` with a custom ``bprop``: its backward is the template's own
-compiled vector-Jacobian product, which recomputes the block's forward (as gradient checkpointing
-does) instead of keeping its activations.
+no copy), and differentiating through a shared graph fed such tensors returned zero weight
+gradients from the second gradient call on. So the call is a ``Cell`` with a custom ``bprop``: its
+backward is the template's own compiled vector-Jacobian product, which recomputes the block's
+forward (as gradient checkpointing does) instead of keeping its activations. Dropout would draw
+new masks there, so a block with active dropout is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import Dict, Tuple
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+
+from gm.errors import ConfigError
 
 
 def _structure_key(block: nn.Cell, *inputs: Tensor) -> Tuple:
@@ -115,5 +117,9 @@ class SharedBlockCall:
         key = _structure_key(self.block, x, cond)
         call = self.templates.get(key)
         if call is None:
+            if any(isinstance(c, nn.Dropout) and c.training for _, c in self.block.cells_and_names()):
+                raise ConfigError("--pynative_jit shared recomputes each block in the backward pass, which would "
+                                  "draw new dropout masks: train with dropout 0 (--lora_dropout 0) or use "
+                                  "--pynative_jit on")
             call = self.templates[key] = _SharedCall(_BlockTemplate(self.block))
         return call(x, cond, *self.block.get_parameters())

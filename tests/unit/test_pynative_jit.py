@@ -106,3 +106,26 @@ def test_shared_block_graphs_give_the_eager_loss_and_lora_gradients_on_every_cal
         run_eagerly(unet)
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def test_shared_block_graphs_refuse_active_dropout():
+    """The shared backward recomputes each block: a dropout there would draw a second mask."""
+    from gm.errors import ConfigError
+
+    engine = build_engine(OmegaConf.load(TINY).model)
+    inject_lora(engine, LoRAConfig(rank=4, alpha=4, dropout=0.1, unet_targets=("attn",)))
+    unet = engine.model.diffusion_model
+    unet.set_train(True)
+    p = OmegaConf.load(TINY).model.params.network_config.params
+    rng = np.random.default_rng(3)
+    inputs = [Tensor(rng.standard_normal((1, 4, 16, 16)).astype(np.float32)), Tensor(np.array([500], np.float32)),
+              Tensor(rng.standard_normal((1, 77, p.context_dim)).astype(np.float32)),
+              Tensor(rng.standard_normal((1, p.adm_in_channels)).astype(np.float32))]
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        compile_in_pynative(unet, shared=True)
+        with pytest.raises(ConfigError, match="--lora_dropout 0"):
+            unet(*inputs)
+    finally:
+        run_eagerly(unet)
+        ms.set_context(mode=ms.GRAPH_MODE)
