@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PyNative (--ms_mode 1): run each UNet level as one compiled graph, the rest eagerly "
                         "(measured 6-15x faster steps, more memory); shared: each ResBlock and transformer "
                         "block through one compiled graph per block structure (few graphs however deep the "
-                        "model; the backward recomputes each block); auto: on (levels) on the CPU for models "
-                        "whose fp32 weights are at most 1/8 of the free memory; off: every op eagerly, for "
+                        "model; the backward recomputes each block); auto, on the CPU: levels for models whose fp32 "
+                        "weights are at most 1/8 of the free memory, else shared; off: every op eagerly, for "
                         "stepping through the UNet")
     p.add_argument("--compile_only", action="store_true", help=argparse.SUPPRESS)  # the compile helper itself
     p.add_argument("--input_cache", default=None,

@@ -97,8 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_path", default="outputs/samples")
     p.add_argument("--ms_mode", type=int, default=0, help="0: graph mode, 1: PyNative")
     p.add_argument("--pynative_jit", choices=("auto", "on", "off", "shared"), default="auto",
-                   help="PyNative: each UNet level as one compiled graph (auto: on the CPU for small models); "
-                        "shared: one graph per block structure")
+                   help="PyNative: each UNet level as one compiled graph; shared: one graph per block structure "
+                        "(auto, on the CPU: levels for small models, else shared)")
     p.add_argument("--device_target", default="CPU")
     return p.parse_args(argv)
 
