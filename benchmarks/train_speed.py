@@ -16,7 +16,8 @@ with AdamW on one instance + one class sample per step at the same resolution an
   input store, then ``warm``: the same run again on the now warm cache and filled store),
   ``uncached`` (``--cache_latents False``: VAE and text encoders every step), ``pynative``
   (``--ms_mode 1``, with ``--pynative_jit auto``: the UNet levels compiled), ``pynative_eager``
-  (``--ms_mode 1 --pynative_jit off``: every op launched from Python). Timings from its ``summary.json``
+  (``--ms_mode 1 --pynative_jit off``: every op launched from Python), ``pynative_shared``
+  (``--ms_mode 1 --pynative_jit shared``: one compiled graph per block structure). Timings from its ``summary.json``
   (seconds since process start; per-phase medians) and ``train_log.jsonl``.
 * reference: latents and text embeddings precomputed (as diffusers' ``--cache_latents`` and its
   precomputed prompt embeddings), then UNet forward + backward + AdamW per step.
@@ -49,7 +50,7 @@ CONFIGS = {
     "medium": REPO / "configs" / "training" / "sd_xl_medium_dreambooth_lora.yaml",
     "base": REPO / "configs" / "training" / "sd_xl_base_finetune_dreambooth_lora_910b.yaml",
 }
-VARIANTS = ("graph", "uncached", "pynative", "pynative_eager", "reference")
+VARIANTS = ("graph", "uncached", "pynative", "pynative_eager", "pynative_shared", "reference")
 LORA_RANK = 4
 
 
@@ -80,7 +81,7 @@ def ours(config: str, resolution: int, steps: int, variant: str, cache_dir: Path
            "--mixed_precision", "fp32", "--save_path", str(save), "--compile_cache", str(cache_dir),
            "--input_cache", str(cache_dir.with_name(cache_dir.name.replace("compile", "input"))),
            "--ms_mode", "1" if variant.startswith("pynative") else "0",
-           "--pynative_jit", "off" if variant == "pynative_eager" else "auto",
+           "--pynative_jit", {"pynative_eager": "off", "pynative_shared": "shared"}.get(variant, "auto"),
            "--overwrite"]  # the warm rerun reuses the folder
     if variant == "uncached":
         cmd += ["--cache_latents", "False"]
@@ -227,7 +228,7 @@ def _add_ratios(row: Dict, ms_peak: float) -> None:
     ref["gflops"] = flops / ref["median_step_s"] / 1e9
     ref["fraction_of_peak"] = ref["gflops"] / ref["matmul_peak_gflops"]
     row["ratios"] = {}
-    for variant in ("graph", "graph_warm", "uncached", "pynative", "pynative_eager"):
+    for variant in ("graph", "graph_warm", "uncached", "pynative", "pynative_eager", "pynative_shared"):
         if variant not in row:
             continue
         run = row[variant]
