@@ -301,8 +301,9 @@ def build_model(args: argparse.Namespace, cfg):
                         "initialised base")
     chosen = apply_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, engine)
     if chosen != "off":
-        _logger.info("PyNative: the UNet's %s run as compiled graphs (--pynative_jit off: all eagerly)",
-                     "levels" if chosen == "levels" else "blocks, one graph per block structure,")
+        _logger.info("PyNative: %s (--pynative_jit off: all eagerly)",
+                     "each UNet level runs as one compiled graph" if chosen == "levels" else
+                     "the UNet's blocks run through one compiled graph per block structure")
     return engine, weight
 
 

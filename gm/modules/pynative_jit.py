@@ -25,14 +25,22 @@ import mindspore as ms
 from mindspore import nn
 
 
+def structure_signature(cell: nn.Cell, by_identity: bool) -> tuple:
+    """What a compiled graph of ``cell`` depends on besides its inputs: its sub-cells (type, and the
+    train/eval flag of those that read it: dropout; ``set_train`` flipped alone does not recompile)
+    and its parameters (shape, dtype, requires_grad). ``by_identity`` names them by ``id`` (the graph
+    is this cell's own); otherwise by their names relative to ``cell`` (a graph shared by every
+    cell of the same structure)."""
+    cells = tuple((id(c) if by_identity else name, type(c).__name__,
+                   c.training if isinstance(c, nn.Dropout) else None) for name, c in cell.cells_and_names())
+    params = tuple((id(p) if by_identity else name, tuple(p.shape), str(p.dtype), p.requires_grad)
+                   for name, p in cell.parameters_and_names())
+    return type(cell).__name__, cells, params
+
+
 def structure_stamp(cell: nn.Cell) -> str:
-    """A digest of what a compiled graph of ``cell`` depends on besides its inputs' shapes: its
-    sub-cells, the train/eval flag of those that read it (dropout; ``set_train`` flipped alone does
-    not recompile) and its parameters."""
-    parts = [f"{id(c)}:{type(c).__name__}:{c.training if isinstance(c, nn.Dropout) else ''}"
-             for _, c in cell.cells_and_names()]
-    parts += [f"{id(p)}:{p.shape}:{p.dtype}:{p.requires_grad}" for p in cell.get_parameters()]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+    """A short digest of ``cell``'s own ``structure_signature``, for a graph's phase name."""
+    return hashlib.sha1(repr(structure_signature(cell, by_identity=True)).encode()).hexdigest()[:16]
 
 
 class _CompiledConstruct:

@@ -27,17 +27,13 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from gm.errors import ConfigError
+from gm.modules.pynative_jit import structure_signature
 
 
 def _structure_key(block: nn.Cell, *inputs: Tensor) -> Tuple:
-    """What a template's graph depends on: the block's class, its sub-cells (with dropout's
-    train flag), its parameters' relative names, shapes, dtypes and trainability, and its inputs'
-    shapes and dtypes."""
-    cells = tuple((name, type(c).__name__, c.training if isinstance(c, nn.Dropout) else None)
-                  for name, c in block.cells_and_names())
-    params = tuple((name, tuple(p.shape), str(p.dtype), p.requires_grad)
-                   for name, p in block.parameters_and_names())
-    return (type(block).__name__, cells, params, tuple((tuple(t.shape), str(t.dtype)) for t in inputs))
+    """What a template's graph depends on: the block's structure by relative names (any block of
+    the same structure shares it) and its inputs' shapes and dtypes."""
+    return structure_signature(block, by_identity=False), tuple((tuple(t.shape), str(t.dtype)) for t in inputs)
 
 
 class _BlockTemplate(nn.Cell):
