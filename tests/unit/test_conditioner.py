@@ -42,6 +42,14 @@ def test_layout_and_frozen_parameters(conditioner):
     assert out["crossattn"].shape == (2, 77, 96) and out["vector"].shape == (2, 1600)
 
 
+def test_output_shapes_are_those_encode_returns(conditioner):
+    for n in (1, 2):
+        shapes = conditioner.output_shapes(_batch(n))
+        out = conditioner.encode(_batch(n))
+        assert shapes == {key: tuple(value.shape) for key, value in out.items()}
+        assert {value.dtype for value in out.values()} == {ms.float32}
+
+
 def test_single_size_is_repeated(conditioner):
     arrays = conditioner.prepare_arrays(_batch())
     np.testing.assert_array_equal(arrays[3], [[16, 32], [16, 32]])

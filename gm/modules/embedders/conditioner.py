@@ -92,6 +92,20 @@ class GeneralConditioner(nn.Cell):
         """Batch dict -> ``{"crossattn": (B, 77, C), "vector": (B, V)}``."""
         return dict(zip(OUTPUT_KEYS, self(*self.prepare_inputs(batch))))
 
+    def output_shapes(self, batch: Mapping) -> Dict[str, Tuple[int, ...]]:
+        """The shapes ``encode(batch)`` returns (float32), without running an embedder or a
+        tokenizer: the text slots give one row per token, every slot its ``output_widths``."""
+        shapes = [emb.prepared_shape(batch[emb.input_key]) for emb in self.embedders]
+        rows = max(shape[0] for shape in shapes)  # a single size row is repeated
+        widths: Dict[str, int] = {key: 0 for key in OUTPUT_KEYS}
+        tokens = None
+        for emb, shape in zip(self.embedders, shapes):
+            for key, width in zip(emb.output_keys, emb.output_widths(np.empty(shape, np.float32))):
+                widths[key] += width
+                if key == "crossattn":
+                    tokens = shape[1]
+        return {"crossattn": (rows, tokens, widths["crossattn"]), "vector": (rows, widths["vector"])}
+
     def get_unconditional_conditioning(
         self,
         batch_c: Mapping,

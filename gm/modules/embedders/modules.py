@@ -46,8 +46,24 @@ class AbstractEmbedder(nn.Cell, metaclass=ABCMeta):
     def output_widths(self, prepared: np.ndarray) -> Tuple[int, ...]:
         """Last-axis width of each output for the host array ``prepared`` (one per ``output_keys``)."""
 
+    def prepared_shape(self, values) -> Tuple[int, ...]:
+        """The shape of ``prepare(values)``."""
+        return np.shape(self.prepare(values))
 
-class FrozenCLIPEmbedder(AbstractEmbedder):
+
+class TextEmbedder(AbstractEmbedder):
+    """An embedder of prompts through ``self.tokenizer`` (a ``CLIPTextTokenizer``, set by the subclass)."""
+
+    def prepare(self, values: Sequence[str]) -> np.ndarray:
+        """Prompts (B strings) -> (B, 77) int32 ids, padded as the tokenizer pads."""
+        return self.tokenizer(values)
+
+    def prepared_shape(self, values: Sequence[str]) -> Tuple[int, ...]:
+        # without loading the tokenizer (0.7 s): every row is padded to max_length
+        return (1 if isinstance(values, str) else len(values), self.tokenizer.max_length)
+
+
+class FrozenCLIPEmbedder(TextEmbedder):
     """CLIP ViT-L/14 text encoder (SDXL's encoder 1): prompts -> hidden states (B, 77, width).
 
     Args:
@@ -82,9 +98,6 @@ class FrozenCLIPEmbedder(AbstractEmbedder):
     def output_widths(self, prepared: np.ndarray) -> Tuple[int, ...]:
         return (self.width,)
 
-    def prepare(self, values: Sequence[str]) -> np.ndarray:
-        """Prompts (B strings) -> (B, 77) int32 ids padded with EOT."""
-        return self.tokenizer(values)
 
     def construct(self, ids: Tensor) -> Tensor:
         """(B, 77) int32 ids -> (B, 77, width)."""
@@ -94,7 +107,7 @@ class FrozenCLIPEmbedder(AbstractEmbedder):
         return x
 
 
-class FrozenOpenCLIPEmbedder2(AbstractEmbedder):
+class FrozenOpenCLIPEmbedder2(TextEmbedder):
     """OpenCLIP ViT-bigG/14 text encoder (SDXL's encoder 2): prompts -> (hidden states, pooled).
 
     Args:
@@ -131,9 +144,6 @@ class FrozenOpenCLIPEmbedder2(AbstractEmbedder):
     def output_widths(self, prepared: np.ndarray) -> Tuple[int, ...]:
         return (self.width, self.embed_dim) if self.return_pooled else (self.width,)
 
-    def prepare(self, values: Sequence[str]) -> np.ndarray:
-        """Prompts (B strings) -> (B, 77) int32 ids padded with id 0."""
-        return self.tokenizer(values)
 
     def construct(self, ids: Tensor):
         """(B, 77) int32 ids -> (B, 77, width) [and pooled (B, embed_dim) if always_return_pooled]."""
