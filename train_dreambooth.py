@@ -258,6 +258,8 @@ def main(argv=None) -> None:
         # the parent waits for this exit; MindSpore's interpreter teardown would add ~0.7 s to it,
         # and the cache is complete once the marker is written (gm.compile_cache)
         logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(0)
     helper = start_compile_helper(Path(__file__), argv, folder) if use_compile_helper(
         args, cfg, folder, parallel.world_size) else None
@@ -362,6 +364,7 @@ def compile_train_step(args: argparse.Namespace, cfg, with_prior: bool) -> None:
 
     from gm.data.dreambooth import SIZE_KEYS
     from gm.frozen_inputs import latent_shape, release_frozen_modules
+    from gm.modules.embedders.conditioner import OUTPUT_KEYS
 
     start = time.perf_counter()
     engine, _ = build_model(args, cfg)
@@ -370,7 +373,7 @@ def compile_train_step(args: argparse.Namespace, cfg, with_prior: bool) -> None:
     # the conditioning's shapes, without running the text encoders (2 s on this path at tiny size)
     cond = {"txt": [""] * rows, **{key: np.full((rows, 2), resolution, np.float32) for key in SIZE_KEYS}}
     shapes = engine.conditioner.output_shapes(cond)
-    crossattn, vector = (np.zeros(shapes[key], np.float32) for key in ("crossattn", "vector"))
+    crossattn, vector = (np.zeros(shapes[key], np.float32) for key in OUTPUT_KEYS)
     lora = add_lora(args, cfg, engine)
     train_step = build_train_step(cfg, engine, lora, with_prior)
     release_frozen_modules(engine, keep_sampling=keeps_sampling_modules(cfg, lora))

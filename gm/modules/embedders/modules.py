@@ -98,7 +98,6 @@ class FrozenCLIPEmbedder(TextEmbedder):
     def output_widths(self, prepared: np.ndarray) -> Tuple[int, ...]:
         return (self.width,)
 
-
     def construct(self, ids: Tensor) -> Tensor:
         """(B, 77) int32 ids -> (B, 77, width)."""
         x = self.transformer.hidden_state(ids, self.num_blocks)
@@ -143,7 +142,6 @@ class FrozenOpenCLIPEmbedder2(TextEmbedder):
 
     def output_widths(self, prepared: np.ndarray) -> Tuple[int, ...]:
         return (self.width, self.embed_dim) if self.return_pooled else (self.width,)
-
 
     def construct(self, ids: Tensor):
         """(B, 77) int32 ids -> (B, 77, width) [and pooled (B, embed_dim) if always_return_pooled]."""
