@@ -282,6 +282,17 @@ def _base_type(kind: Any) -> Any:
     return kind
 
 
+def _list_items(value: str) -> List[str]:
+    """One command-line word of a list flag: "attn,ff" and "attn ff" give the same list (users of
+    kohya's ``--network_args`` write commas). List flags hold names, never a comma inside one."""
+    return [item for item in value.split(",") if item]
+
+
+class _ExtendList(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [item for word in values for item in word])
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per schema setting that has one; unset flags (None) keep the YAML's value."""
     for s in SETTINGS:
@@ -294,7 +305,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*names, dest=s.flag, type=str2bool, nargs="?", const=True, default=None,
                                 help=help_text)
         elif get_origin(kind) in (list, List):
-            parser.add_argument(*names, dest=s.flag, nargs="+", default=None, help=help_text)
+            parser.add_argument(*names, dest=s.flag, nargs="+", type=_list_items, action=_ExtendList, default=None,
+                                help=help_text)
         else:
             parser.add_argument(*names, dest=s.flag, type=kind, default=None, help=help_text)
 

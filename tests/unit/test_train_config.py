@@ -100,6 +100,16 @@ def test_the_schema_generates_every_config_flag_and_nothing_drifts():
     assert list(cfg.lora.unet_targets) == ["attn", "ff"] and cfg.train.snr_gamma == 5.0
 
 
+@pytest.mark.parametrize("words", [["attn,ff,proj"], ["attn,", "ff", "proj"], ["attn", "ff,proj"]])
+def test_a_list_flag_takes_commas_as_well_as_spaces(words):
+    import train_dreambooth
+    from gm.train_config import FLAG_KEYS
+
+    args = train_dreambooth.parse_args(["--lora_unet_targets", *words])
+    cfg = load_training_config(TINY, {k: getattr(args, k) for k in FLAG_KEYS})
+    assert list(cfg.lora.unet_targets) == ["attn", "ff", "proj"]
+
+
 @pytest.mark.parametrize("section,key,value,message", [
     ("optim", "beta2", 1.5, "optim.beta2 1.5: must be in \\[0, 1\\)"),
     ("optim", "eps", 0.0, "optim.eps 0.0: must be > 0"),
