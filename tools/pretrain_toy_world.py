@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--vae_steps", type=int, help="override vae.steps")
     parser.add_argument("--unet_steps", type=int, help="override unet.steps")
+    parser.add_argument("--unet_refine_steps", type=int,
+                        help="override unet_refine.steps (a warm restart of the UNet stage; 0: none)")
     parser.add_argument("--num_images", type=int, help="override data.num_images")
     parser.add_argument("--device_target", default="CPU", choices=["CPU", "GPU", "Ascend"])
     parser.add_argument("--ms_mode", type=int, default=0, choices=[0, 1], help="0: graph mode, 1: PyNative")
@@ -64,11 +66,12 @@ def load_pretrain_config(args: argparse.Namespace):
         if not sep or OmegaConf.select(cfg, key) is None:
             raise ConfigError(f"--set {item}: expected KEY=VALUE with a KEY of {path}")
         OmegaConf.update(cfg, key, yaml_value(value))
-    for flag, key in (("vae_steps", "vae.steps"), ("unet_steps", "unet.steps"), ("num_images", "data.num_images")):
+    for flag, key, least in (("vae_steps", "vae.steps", 1), ("unet_steps", "unet.steps", 1),
+                             ("unet_refine_steps", "unet_refine.steps", 0), ("num_images", "data.num_images", 1)):
         value = getattr(args, flag)
         if value is not None:
-            if value < 1:
-                raise ConfigError(f"--{flag} {value}: must be >= 1")
+            if value < least:
+                raise ConfigError(f"--{flag} {value}: must be >= {least}")
             OmegaConf.update(cfg, key, value)
     return cfg
 
@@ -307,7 +310,9 @@ def text_encoders(engine) -> list:
     return [conditioner.embedders[i] for i in chosen]
 
 
-def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, config_text: str) -> Dict[str, float]:
+def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path,
+               config_text: str) -> Dict[str, Dict[str, float]]:
+    """The UNet stage, then its warm restart (``unet_refine``) when that has steps; each stage's result."""
     from gm.frozen_inputs import sample_latents
     from gm.modules.cpu_kernels import fold_batch_into_matmul
     from gm.modules.diffusionmodules.loss import CaptionDropConditioning, DreamBoothLoss, sample_noise_and_sigmas
@@ -348,8 +353,10 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, 
                                                             weight_decay=u.weight_decay)),
                      max_grad_norm=u.max_grad_norm)
 
-    def batch(i: int):
-        rng = np.random.default_rng([cfg.data.seed, 2, i])
+    def batches(stream: int):
+        return lambda i: batch(np.random.default_rng([cfg.data.seed, stream, i]))
+
+    def batch(rng):
         idx = rng.integers(0, len(pixels), u.batch_size)
         latents = sample_latents(mean[idx], std[idx], rng.standard_normal(mean[idx].shape, dtype=np.float32),
                                  engine.scale_factor)
@@ -361,8 +368,17 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path, 
         vec = np.where(drop[:, None], uncond_vector, vector[rows[idx]])
         return latents, noise, sigmas, ctx.astype(np.float32), vec.astype(np.float32)
 
-    schedule = LRSchedule(u.lr_scheduler, u.lr_warmup_steps, u.steps)
-    return run_stage("unet", out, step, batch, u.steps, schedule, cfg.save, config_text)
+    results = {"unet": run_stage("unet", out, step, batches(2), u.steps,
+                                 LRSchedule(u.lr_scheduler, u.lr_warmup_steps, u.steps), cfg.save, config_text)}
+    r = cfg.get("unet_refine")
+    if r is not None and r.steps > 0:
+        # A warm restart: the same step (its Adam moments carry over) on fresh batches, under a new
+        # schedule of its own peak, so a finished cosine run trains on without starting over.
+        restart = LRSchedule(r.lr_scheduler, r.lr_warmup_steps, r.steps)
+        scale = r.learning_rate / u.learning_rate
+        results["unet_refine"] = run_stage("unet_refine", out, step, batches(3), r.steps,
+                                           lambda i: scale * restart(i), cfg.save, config_text)
+    return results
 
 
 def vae_round_trip(engine, images: np.ndarray, chunk: int = 64) -> np.ndarray:
@@ -465,11 +481,13 @@ def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv:
         "| stage | steps | final loss (mean of the last steps) | parts | seconds |",
         "|---|---|---|---|---|",
     ]
-    for name in ("vae", "unet"):
+    stages = [name for name in ("vae", "unet", "unet_refine") if name in results]
+    for name in stages:
         r = results[name]
         parts = (f"reconstruction L1 {r['part_1']:.4f}, KL {r['part_2']:.4f}; held-out ({r['heldout_images']} "
                  f"photos): MAE {r['heldout_mae_255']:.2f}/255, PSNR {r['heldout_psnr_db']:.2f} dB"
-                 if name == "vae" else "-")
+                 if name == "vae" else "warm restart from the unet stage's result, learning rate "
+                f"{cfg[name].learning_rate}" if name == "unet_refine" else "-")
         lines.append(f"| {name} | {cfg[name].steps} | {r['loss']:.4f} | {parts} | {r['seconds']} |")
     judge, quality = results["judge"], results["quality"]
     lines += ["", f"Judge (`{JUDGE_NAME}`, `gm.metrics.toy_world`): held-out accuracy on {judge['test_photos']} "
@@ -484,7 +502,7 @@ def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv:
     for cls in CLASSES:
         lines.append(f"| {cls} | {quality[cls + '_accuracy']:.3f} | {quality[cls + '_diversity']:.3f} |")
     lines.append(f"| mean | {quality['mean_accuracy']:.3f} | |")
-    trained = sum(results[stage]["seconds"] for stage in ("vae", "unet"))
+    trained = sum(results[stage]["seconds"] for stage in stages)
     lines += ["", f"Training time: {trained / 3600:.2f} h over all (resumed) runs; this run took "
               f"{seconds / 3600:.2f} h (with the judge and the sampling). "
               "Reproduce (same machine type, same MindSpore) with:",
@@ -531,7 +549,7 @@ def main(argv=None) -> None:
         (out / "vae" / "result.json").write_text(json.dumps(results["vae"]))
     if "vae" not in results:
         results["vae"] = json.loads((out / "vae" / "result.json").read_text())
-    results["unet"] = train_unet(engine, pixels, captions, cfg, out, config_text)
+    results.update(train_unet(engine, pixels, captions, cfg, out, config_text))
     if not (out / JUDGE_NAME).is_file() or not (out / "judge.json").is_file():
         (out / "judge.json").write_text(json.dumps(train_judge(engine, cfg, out)))
     results["judge"] = json.loads((out / "judge.json").read_text())

@@ -1,7 +1,7 @@
 """tools/pretrain_toy_world.py at toy scale (PyNative, a few steps of each stage): it writes an
 official-layout fp16 single file that loads into the tiny model, a judge and a model card; a
 rerun resumes instead of retraining, and one with another step count on the decaying learning rate
-is refused."""
+is refused; a warm restart (--unet_refine_steps) trains the finished UNet on."""
 
 import subprocess
 import sys
@@ -99,3 +99,22 @@ def test_frozen_text_encoders_train_the_unet_only(pretrained, tmp_path):
     assert not any(k.startswith("conditioner.") for k in frozen)
     assert any(k.startswith("conditioner.") for k in trained)
     assert (tmp_path / "sd_xl_toy_world.safetensors").is_file()
+
+def test_a_warm_restart_trains_the_finished_unet_on(pretrained):
+    # runs last: it rewrites the folder's single file with the restarted UNet
+    before = _tensors(pretrained / "unet" / "state" / "step_000003" / "train_state.safetensors",
+                      "model.diffusion_model.")
+    result = subprocess.run([sys.executable, "tools/pretrain_toy_world.py", "--out", str(pretrained), *SMALL,
+                             "--unet_steps", "3", "--unet_refine_steps", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "unet: resuming from" in result.stderr and "step_000003" in result.stderr
+    refined = _tensors(pretrained / "unet_refine" / "state" / "step_000002" / "train_state.safetensors",
+                       "model.diffusion_model.")
+    shipped = _tensors(pretrained / "sd_xl_toy_world.safetensors", "model.diffusion_model.")
+    assert refined.keys() == before.keys() == shipped.keys()
+    assert all(np.array_equal(refined[k].astype(np.float16), shipped[k]) for k in refined)
+    assert any(not np.array_equal(refined[k], before[k]) for k in refined)
+    card = (pretrained / "MODEL_CARD.md").read_text()
+    assert "| unet | 3 |" in card and "| unet_refine | 2 | " in card and "warm restart" in card
+    assert "--unet_refine_steps 2" in card
