@@ -469,6 +469,17 @@ def load_vae(engine, path: Path) -> None:
         assign_parameters(engine, ((k, f.get_tensor(k)) for k in sorted(expected)))
 
 
+def _stage_notes(name: str, result: Dict[str, float], cfg) -> str:
+    """The model card's "parts" column of one stage."""
+    if name == "vae":
+        return (f"reconstruction L1 {result['part_1']:.4f}, KL {result['part_2']:.4f}; held-out "
+                f"({result['heldout_images']} photos): MAE {result['heldout_mae_255']:.2f}/255, PSNR "
+                f"{result['heldout_psnr_db']:.2f} dB")
+    if name == "unet_refine":
+        return f"warm restart from the unet stage's result, learning rate {cfg[name].learning_rate}"
+    return "-"
+
+
 def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv: Sequence[str], seconds: float) -> None:
     lines = [
         "# sd_xl_toy_world: the tiny SDXL pretrained on the toy world",
@@ -484,11 +495,8 @@ def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv:
     stages = [name for name in ("vae", "unet", "unet_refine") if name in results]
     for name in stages:
         r = results[name]
-        parts = (f"reconstruction L1 {r['part_1']:.4f}, KL {r['part_2']:.4f}; held-out ({r['heldout_images']} "
-                 f"photos): MAE {r['heldout_mae_255']:.2f}/255, PSNR {r['heldout_psnr_db']:.2f} dB"
-                 if name == "vae" else "warm restart from the unet stage's result, learning rate "
-                f"{cfg[name].learning_rate}" if name == "unet_refine" else "-")
-        lines.append(f"| {name} | {cfg[name].steps} | {r['loss']:.4f} | {parts} | {r['seconds']} |")
+        lines.append(f"| {name} | {cfg[name].steps} | {r['loss']:.4f} | {_stage_notes(name, r, cfg)} | "
+                     f"{r['seconds']} |")
     judge, quality = results["judge"], results["quality"]
     lines += ["", f"Judge (`{JUDGE_NAME}`, `gm.metrics.toy_world`): held-out accuracy on {judge['test_photos']} "
               f"photos: label {judge['label_accuracy']:.3f}, colour {judge['colour_accuracy']:.3f}, "
