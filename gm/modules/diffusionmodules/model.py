@@ -20,7 +20,7 @@ from typing import Sequence
 
 from mindspore import Tensor, nn, ops
 
-from gm.modules.cpu_kernels import conv3x3_same, group_norm_2d, pad_right_bottom, weight_matmul
+from gm.modules.cpu_kernels import GroupNormFunction, conv3x3_same, pad_right_bottom, weight_matmul
 from gm.modules.layers import Conv2d, GroupNorm, Identity, on_cpu_target, optional
 
 VAE_NORM_EPS = 1e-6  # sgm's Normalize(); not GroupNorm's default 1e-5
@@ -32,16 +32,17 @@ _FAST_NORM_MIN_ELEMENTS = 128 * 32 * 32
 
 
 class _GroupNorm(GroupNorm):
-    """layers.GroupNorm computed by ``cpu_kernels.group_norm_2d`` on the CPU target for large inputs."""
+    """layers.GroupNorm computed by ``cpu_kernels.group_norm_2d`` on the CPU target for large inputs
+    (with its true gradients, for VAE training: ``cpu_kernels.GroupNormFunction``)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float):
         super().__init__(num_groups, num_channels, eps=eps)
-        self.cpu = on_cpu_target()
+        self.fast = GroupNormFunction(num_groups, eps) if on_cpu_target() else None
 
     def construct(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
-        if self.cpu and x.shape[1] * x.shape[2] * x.shape[3] >= _FAST_NORM_MIN_ELEMENTS:
-            return group_norm_2d(x, self.num_groups, self.weight, self.bias, self.eps)
+        if self.fast is not None and x.shape[1] * x.shape[2] * x.shape[3] >= _FAST_NORM_MIN_ELEMENTS:
+            return self.fast(x, self.weight, self.bias)
         return super().construct(x)
 
 
