@@ -21,6 +21,10 @@ from __future__ import annotations
 from mindspore import Tensor, nn, ops
 
 _MATMUL = ops.MatMul()
+# primitives made once, not per call: GroupNormFunction's bprop uses the helpers below too, and in a
+# bprop MindSpore 2.10 cannot compile functional ops that make their primitive at call time
+_MEAN = ops.ReduceMean()
+_TILE = ops.Tile()
 
 
 _FOLD_BATCH = False
@@ -54,12 +58,12 @@ def _group_mean(x: Tensor, groups: int) -> Tensor:
     ~1e-4 of relative accuracy on activations with a large mean.
     """
     n, c, h, w = x.shape
-    return x.reshape(n * c * h, w).mean(-1).reshape(groups, -1).mean(-1)
+    return _MEAN(_MEAN(x.reshape(n * c * h, w), -1).reshape(groups, -1), -1)
 
 
 def _per_channel(stat: Tensor, n: int, groups: int, c: int) -> Tensor:
     """(N*G,) group statistics -> (N*C,), each channel taking its group's value."""
-    return ops.broadcast_to(stat.reshape(n * groups, 1), (n * groups, c // groups)).reshape(n * c)
+    return _TILE(stat.reshape(n * groups, 1), (1, c // groups)).reshape(n * c)
 
 
 def group_norm_2d(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -99,18 +103,14 @@ class _GroupNormBackward(nn.Cell):
         self.groups, self.eps = groups, eps
         self.normalise = ops.BatchNorm(is_training=False, epsilon=eps)
         self.scale = ops.BatchNorm(is_training=False, epsilon=_SHIFT_EPS)
-        self.mean = ops.ReduceMean()
         self.sum = ops.ReduceSum()
-        self.tile = ops.Tile()
         self.ones = ops.Ones()
         self.zeros = ops.Zeros()
         self.rsqrt = ops.Rsqrt()
 
     def _group_stat(self, x: Tensor, n: int, c: int) -> Tensor:
-        """Mean of each (sample, group) of x (N*C*H*W elements, any view), repeated per channel: (N*C,)."""
-        h, w = x.shape[-2], x.shape[-1]
-        means = self.mean(self.mean(x.reshape(n * c * h, w), -1).reshape(n * self.groups, -1), -1)
-        return self.tile(means.reshape(n * self.groups, 1), (1, c // self.groups)).reshape(n * c)
+        """Mean of each (sample, group) of x (any 4-D view of N*C*H*W), repeated per channel: (N*C,)."""
+        return _per_channel(_group_mean(x, n * self.groups), n, self.groups, c)
 
     def _channel_sum(self, x: Tensor, n: int, c: int) -> Tensor:
         """Sum over samples and pixels per channel: (C,)."""
@@ -125,7 +125,7 @@ class _GroupNormBackward(nn.Cell):
         centred = self.scale(x.reshape(1, n * c, h, w), ones, zeros, self._group_stat(x, n, c), unit)[0]
         var = self._group_stat(centred * centred, n, c)
         xhat = self.normalise(centred, ones, zeros, zeros, var)[0]  # (1, N*C, H, W)
-        g = self.scale(dout.reshape(1, n * c, h, w), self.tile(weight, (n,)), zeros, zeros, unit)[0]  # dy * w
+        g = self.scale(dout.reshape(1, n * c, h, w), _TILE(weight, (n,)), zeros, zeros, unit)[0]  # dy * w
         mean_g = self._group_stat(g, n, c)
         mean_gx = self._group_stat(g * xhat, n, c)
         # rstd * (g - mean_g) as a BatchNorm with the group variance, minus xhat * (rstd * mean_gx)
