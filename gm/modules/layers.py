@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Normal, Uniform, initializer
 
+from gm.modules import native_norms
 from gm.modules.cpu_kernels import weight_matmul
 
 _MATMUL_WT = ops.MatMul(transpose_b=True)
@@ -41,6 +42,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 def on_cpu_target() -> bool:
     """Whether MindSpore's current device target is the CPU (decided when a layer is built)."""
     return ms.get_context("device_target") == "CPU"
+
+
+def _native_norms() -> Optional[native_norms.NormKernels]:
+    """Our compiled CPU norm kernels where they apply (CPU target, built), else None."""
+    return native_norms.kernels() if on_cpu_target() else None
 
 
 def _weight(shape: tuple, fan_in: int, dtype=ms.float32) -> Parameter:
@@ -131,8 +137,13 @@ class GroupNorm(nn.Cell):
         self.eps = eps
         self.weight = Parameter(initializer("ones", (num_channels,), dtype), name="weight")
         self.bias = Parameter(initializer("zeros", (num_channels,), dtype), name="bias")
+        kernels = _native_norms()
+        self.native = kernels.group_norm(num_groups) if kernels is not None else None
+        self.eps_input = native_norms.eps_tensor(eps)
 
     def construct(self, x):
+        if self.native is not None:  # float32 only: checked when the graph is built (native_norms)
+            return self.native(x, self.weight, self.bias, self.eps_input)[0]
         return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
@@ -145,8 +156,13 @@ class LayerNorm(nn.Cell):
         self.weight = Parameter(initializer("ones", (dim,), dtype), name="weight")
         self.bias = Parameter(initializer("zeros", (dim,), dtype), name="bias")
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        kernels = _native_norms()
+        self.native = kernels.layer_norm if kernels is not None else None
+        self.eps_input = native_norms.eps_tensor(eps)
 
     def construct(self, x):
+        if self.native is not None:  # float32 only: checked when the graph is built (native_norms)
+            return self.native(x, self.weight, self.bias, self.eps_input)[0]
         return self.norm(x, self.weight, self.bias)[0]
 
 
