@@ -63,17 +63,36 @@ void Moments(const float *x, int64_t count, double eps, float *mean, float *rstd
   *rstd = static_cast<float>(1.0 / std::sqrt(sq / count + eps));
 }
 
+// The forward kernels' buffers: x, weight, bias, eps (1) in; y, mean, rstd out.
+struct ForwardArgs {
+  const float *x, *weight, *bias;
+  double eps;
+  float *y, *mean, *rstd;
+  explicit ForwardArgs(void **p)
+      : x(static_cast<const float *>(p[0])), weight(static_cast<const float *>(p[1])),
+        bias(static_cast<const float *>(p[2])), eps(static_cast<const float *>(p[3])[0]),
+        y(static_cast<float *>(p[4])), mean(static_cast<float *>(p[5])), rstd(static_cast<float *>(p[6])) {}
+};
+
+// The backward kernels' buffers: dy, x, mean, rstd, weight in; dx, dweight, dbias out.
+struct BackwardArgs {
+  const float *dy, *x, *mean, *rstd, *weight;
+  float *dx, *dweight, *dbias;
+  explicit BackwardArgs(void **p)
+      : dy(static_cast<const float *>(p[0])), x(static_cast<const float *>(p[1])),
+        mean(static_cast<const float *>(p[2])), rstd(static_cast<const float *>(p[3])),
+        weight(static_cast<const float *>(p[4])), dx(static_cast<float *>(p[5])),
+        dweight(static_cast<float *>(p[6])), dbias(static_cast<float *>(p[7])) {}
+};
+
 }  // namespace
 
 // x (R..., C), weight (C), bias (C), eps (1) -> y (R..., C), mean (R...), rstd (R...)
 extern "C" int LayerNormForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *weight = static_cast<const float *>(params[1]);
-  const float *bias = static_cast<const float *>(params[2]);
-  const double eps = static_cast<const float *>(params[3])[0];
-  float *y = static_cast<float *>(params[4]);
-  float *mean = static_cast<float *>(params[5]);
-  float *rstd = static_cast<float *>(params[6]);
+  const ForwardArgs a(params);
+  const float *x = a.x, *weight = a.weight, *bias = a.bias;
+  const double eps = a.eps;
+  float *y = a.y, *mean = a.mean, *rstd = a.rstd;
   const int64_t cols = shapes[0][ndims[0] - 1], rows = Product(shapes[0], 0, ndims[0] - 1);
   ParallelFor(rows, cols, [=](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++) {
@@ -89,14 +108,9 @@ extern "C" int LayerNormForward(int, void **params, int *ndims, int64_t **shapes
 
 // dy, x (R..., C), mean, rstd (R...), weight (C) -> dx (R..., C), dweight (C), dbias (C)
 extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *dy = static_cast<const float *>(params[0]);
-  const float *x = static_cast<const float *>(params[1]);
-  const float *mean = static_cast<const float *>(params[2]);
-  const float *rstd = static_cast<const float *>(params[3]);
-  const float *weight = static_cast<const float *>(params[4]);
-  float *dx = static_cast<float *>(params[5]);
-  float *dweight = static_cast<float *>(params[6]);
-  float *dbias = static_cast<float *>(params[7]);
+  const BackwardArgs a(params);
+  const float *dy = a.dy, *x = a.x, *mean = a.mean, *rstd = a.rstd, *weight = a.weight;
+  float *dx = a.dx, *dweight = a.dweight, *dbias = a.dbias;
   const int64_t cols = shapes[0][ndims[0] - 1], rows = Product(shapes[0], 0, ndims[0] - 1);
   // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight: rows in parallel
   ParallelFor(rows, cols, [=](int64_t begin, int64_t end) {
@@ -131,13 +145,10 @@ extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shape
 
 // x (N, C, ...), weight (C), bias (C), eps (1) -> y (N, C, ...), mean (N, G), rstd (N, G)
 extern "C" int GroupNormForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *weight = static_cast<const float *>(params[1]);
-  const float *bias = static_cast<const float *>(params[2]);
-  const double eps = static_cast<const float *>(params[3])[0];
-  float *y = static_cast<float *>(params[4]);
-  float *mean = static_cast<float *>(params[5]);
-  float *rstd = static_cast<float *>(params[6]);
+  const ForwardArgs a(params);
+  const float *x = a.x, *weight = a.weight, *bias = a.bias;
+  const double eps = a.eps;
+  float *y = a.y, *mean = a.mean, *rstd = a.rstd;
   const int64_t n = shapes[0][0], channels = shapes[0][1], spatial = Product(shapes[0], 2, ndims[0]);
   const int64_t groups = shapes[5][1], per_group = channels / groups;
   ParallelFor(n * groups, per_group * spatial, [=](int64_t begin, int64_t end) {
@@ -158,14 +169,9 @@ extern "C" int GroupNormForward(int, void **params, int *ndims, int64_t **shapes
 
 // dy, x (N, C, ...), mean, rstd (N, G), weight (C) -> dx (N, C, ...), dweight (C), dbias (C)
 extern "C" int GroupNormBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *dy = static_cast<const float *>(params[0]);
-  const float *x = static_cast<const float *>(params[1]);
-  const float *mean = static_cast<const float *>(params[2]);
-  const float *rstd = static_cast<const float *>(params[3]);
-  const float *weight = static_cast<const float *>(params[4]);
-  float *dx = static_cast<float *>(params[5]);
-  float *dweight = static_cast<float *>(params[6]);
-  float *dbias = static_cast<float *>(params[7]);
+  const BackwardArgs a(params);
+  const float *dy = a.dy, *x = a.x, *mean = a.mean, *rstd = a.rstd, *weight = a.weight;
+  float *dx = a.dx, *dweight = a.dweight, *dbias = a.dbias;
   const int64_t n = shapes[0][0], channels = shapes[0][1], spatial = Product(shapes[0], 2, ndims[0]);
   const int64_t groups = shapes[2][1], per_group = channels / groups, count = per_group * spatial;
   // groups in parallel; within a group the samples in order, so dweight/dbias sum deterministically
