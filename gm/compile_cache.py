@@ -45,7 +45,9 @@ from typing import Any, List, Mapping, Optional, Sequence
 
 _logger = logging.getLogger(__name__)
 GM_ROOT = Path(__file__).resolve().parent
-DEFAULT_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdxl_dreambooth_ms" / "compile"
+# this project's folder in the user cache: compiled graphs here, compiled CPU kernels (native_norms) beside
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdxl_dreambooth_ms"
+DEFAULT_ROOT = USER_CACHE / "compile"
 # config keys the host feeds at run time (Parameters or host-side loops): not part of the key
 HOST_ONLY_KEYS = {
     ("train", "max_train_steps"), ("train", "seed"), ("train", "save_ckpt_interval"), ("train", "max_num_ckpt"),

@@ -28,9 +28,11 @@ from typing import Optional
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from gm.compile_cache import USER_CACHE
+
 _logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".cc")
-CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdxl_dreambooth_ms" / "kernels"
+CACHE_ROOT = USER_CACHE / "kernels"
 # -O3 without -march=native: the cache folder may be shared by machines of different CPUs
 COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++14", "-pthread")
 ENV_SWITCH = "SDXL_MS_NATIVE_NORMS"
@@ -83,13 +85,7 @@ class NormKernels:
     def __init__(self, library: Path):
         self.library = str(library)
         self.zeros_like = ops.ZerosLike()  # made here: a bprop cannot create primitives at call time
-        ln_backward = self._op("LayerNormBackward", lambda dy, x, m, r, w: (dy, w, w))
-
-        def ln_bprop(x, weight, bias, eps, out, dout):
-            dx, dweight, dbias = ln_backward(dout[0], x, out[1], out[2], weight)
-            return dx, dweight, dbias, self.zeros_like(eps)
-
-        self.layer_norm = self._op("LayerNormForward", lambda x, w, b, e: (x, x[:-1], x[:-1]), ln_bprop)
+        self.layer_norm = self._differentiable("LayerNorm", lambda x, w, b, e: (x, x[:-1], x[:-1]))
         self._group_norm = {}
 
     def _op(self, name, shapes, bprop=None):
@@ -101,17 +97,21 @@ class NormKernels:
 
         return _KernelOp(f"{self.library}:{name}", out_shape=shapes, out_dtype=dtypes, func_type="aot", bprop=bprop)
 
+    def _differentiable(self, norm: str, forward_shapes):
+        """``<norm>Forward`` (x, weight, bias, eps -> y, mean, rstd) with ``<norm>Backward`` as its bprop."""
+        backward = self._op(f"{norm}Backward", lambda dy, x, m, r, w: (dy, w, w))
+
+        def bprop(x, weight, bias, eps, out, dout):
+            dx, dweight, dbias = backward(dout[0], x, out[1], out[2], weight)
+            return dx, dweight, dbias, self.zeros_like(eps)
+
+        return self._op(f"{norm}Forward", forward_shapes, bprop)
+
     def group_norm(self, groups: int):
         """The forward op for ``groups`` groups (the statistics' shape (N, groups) is part of the op)."""
         if groups not in self._group_norm:
-            backward = self._op("GroupNormBackward", lambda dy, x, m, r, w: (dy, w, w))
-
-            def bprop(x, weight, bias, eps, out, dout):
-                dx, dweight, dbias = backward(dout[0], x, out[1], out[2], weight)
-                return dx, dweight, dbias, self.zeros_like(eps)
-
-            self._group_norm[groups] = self._op(
-                "GroupNormForward", lambda x, w, b, e: (x, [x[0], groups], [x[0], groups]), bprop)
+            self._group_norm[groups] = self._differentiable(
+                "GroupNorm", lambda x, w, b, e: (x, [x[0], groups], [x[0], groups]))
         return self._group_norm[groups]
 
 
