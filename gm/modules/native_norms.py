@@ -16,67 +16,25 @@ own kernels (same results to float32 rounding). Ascend and GPU always keep their
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from gm.compile_cache import USER_CACHE
+from gm.modules import native_build
+from gm.modules.native_build import CACHE_ROOT
 
 _logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".cc")
-CACHE_ROOT = USER_CACHE / "kernels"
-# -O3 without -march=native: the cache folder may be shared by machines of different CPUs
-COMPILE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++14", "-pthread")
 ENV_SWITCH = "SDXL_MS_NATIVE_NORMS"
 
 
-def _compiler() -> Optional[str]:
-    return shutil.which(os.environ.get("CXX", "g++"))
-
-
 def build_library(cache_root: Path = CACHE_ROOT) -> Path:
-    """Compile ``native_norms.cc`` into ``cache_root/<hash>/native_norms.so`` unless it is there.
-
-    Raises ``RuntimeError`` when there is no compiler or it fails.
-    """
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    target = cache_root / digest / "native_norms.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # concurrent processes (data-parallel ranks, the compile helper) each build a private file and
-    # rename it into place, so no process ever loads a half-written library
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *COMPILE_FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"{compiler} failed on {SOURCE}: {result.stderr.strip()[:500]}")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return target
-
-
-class _KernelOp(ops.Custom):
-    """A custom op that ``copy.deepcopy`` shares instead of copying: it holds no state, and
-    MindSpore's ``Primitive.__deepcopy__`` cannot rebuild a ``Custom`` (the shared block graphs of
-    ``gm.modules.shared_graphs`` deep-copy blocks)."""
-
-    def __deepcopy__(self, memo):
-        return self
+    """Compile ``native_norms.cc`` into ``cache_root/<hash>/native_norms.so`` unless it is there."""
+    return native_build.build_library(SOURCE, cache_root)
 
 
 class NormKernels:
@@ -88,30 +46,32 @@ class NormKernels:
         self.layer_norm = self._differentiable("LayerNorm", lambda x, w, b, e: (x, x[:-1], x[:-1]))
         self._group_norm = {}
 
-    def _op(self, name, shapes, bprop=None):
+    def _op(self, name, shapes, bprop=None, variant=""):
         def dtypes(*inputs):  # float32 in, three float32 outputs; checked once, when a graph is built
             if any(dtype.element_type() != ms.float32 for dtype in inputs):
                 raise TypeError(f"{name} (gm.modules.native_norms) takes float32 inputs, got {inputs}; "
                                 f"on the CPU target use fp32, or set {ENV_SWITCH}=0")
             return (ms.float32,) * 3
 
-        return _KernelOp(f"{self.library}:{name}", out_shape=shapes, out_dtype=dtypes, func_type="aot", bprop=bprop)
+        return native_build.KernelOp(self.library, name, name + variant, out_shape=shapes, out_dtype=dtypes,
+                                     bprop=bprop)
 
-    def _differentiable(self, norm: str, forward_shapes):
-        """``<norm>Forward`` (x, weight, bias, eps -> y, mean, rstd) with ``<norm>Backward`` as its bprop."""
+    def _differentiable(self, norm: str, forward_shapes, variant: str = ""):
+        """``<norm>Forward`` (x, weight, bias, eps -> y, mean, rstd) with ``<norm>Backward`` as its bprop;
+        ``variant`` tells apart forward ops of other output shapes."""
         backward = self._op(f"{norm}Backward", lambda dy, x, m, r, w: (dy, w, w))
 
         def bprop(x, weight, bias, eps, out, dout):
             dx, dweight, dbias = backward(dout[0], x, out[1], out[2], weight)
             return dx, dweight, dbias, self.zeros_like(eps)
 
-        return self._op(f"{norm}Forward", forward_shapes, bprop)
+        return self._op(f"{norm}Forward", forward_shapes, bprop, variant)
 
     def group_norm(self, groups: int):
         """The forward op for ``groups`` groups (the statistics' shape (N, groups) is part of the op)."""
         if groups not in self._group_norm:
             self._group_norm[groups] = self._differentiable(
-                "GroupNorm", lambda x, w, b, e: (x, [x[0], groups], [x[0], groups]))
+                "GroupNorm", lambda x, w, b, e: (x, [x[0], groups], [x[0], groups]), variant=f"/g{groups}")
         return self._group_norm[groups]
 
 

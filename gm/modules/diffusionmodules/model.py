@@ -54,14 +54,14 @@ _ROWS_CONV_MIN_PIXELS = 64 * 64
 
 class _Conv3x3(Conv2d):
     """layers.Conv2d (3x3, stride 1, padding 1), computed by ``cpu_kernels.conv3x3_same`` on the CPU
-    target for large images."""
+    target for large images when our compiled kernel (``native_matmul``) is not there."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def construct(self, x: Tensor) -> Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W)."""
-        if self.im2col and x.shape[2] * x.shape[3] >= _ROWS_CONV_MIN_PIXELS:
+        if self.native is None and self.im2col and x.shape[2] * x.shape[3] >= _ROWS_CONV_MIN_PIXELS:
             return conv3x3_same(x, self.weight, self.bias)
         return super().construct(x)
 
