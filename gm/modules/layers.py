@@ -16,22 +16,19 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import HeUniform, Normal, Uniform, initializer
 
-from gm.modules import native_matmul, native_norms
+from gm.modules import native_conv, native_norms
 from gm.modules.cpu_kernels import weight_matmul
 
 _MATMUL_WT = ops.MatMul(transpose_b=True)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, native: Optional[ops.Custom] = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x (..., in) @ weight.T + bias`` with weight (out, in), as torch.nn.functional.linear.
 
-    ``native``: our compiled kernel (``native_linear``), used for float32. Otherwise one 2-D
-    ``MatMul`` with the transpose as a flag, and ``BiasAdd``: ``ops.dense``'s backward inserts
-    explicit ``Transpose`` ops (measured: ~950 per medium SDXL LoRA step, 5% of its time on the CPU
-    target), the flagged MatMul's backward is two flagged MatMuls.
+    One 2-D ``MatMul`` with the transpose as a flag, and ``BiasAdd``: ``ops.dense``'s backward
+    inserts explicit ``Transpose`` ops (measured: ~950 per medium SDXL LoRA step, 5% of its time
+    on the CPU target), the flagged MatMul's backward is two flagged MatMuls.
     """
-    if native is not None and x.dtype == ms.float32 and weight.dtype == ms.float32:
-        return native(x, weight) if bias is None else native(x, weight, bias)
     if x.ndim == 2:  # no reshapes: each would be a launched kernel in the graph
         out = _MATMUL_WT(x, weight)
         return out if bias is None else ops.bias_add(out, bias)
@@ -52,17 +49,9 @@ def _native_norms() -> Optional[native_norms.NormKernels]:
     return native_norms.kernels() if on_cpu_target() else None
 
 
-def native_matmul_kernels() -> Optional[native_matmul.MatmulKernels]:
-    """Our compiled CPU linear/convolution kernels where they apply (CPU target, built), else None."""
-    return native_matmul.kernels() if on_cpu_target() else None
-
-
-def native_linear(bias: bool) -> Optional[ops.Custom]:
-    """The compiled linear op for ``linear(..., native=)`` (with or without a bias), or None."""
-    kernels = native_matmul_kernels()
-    if kernels is None:
-        return None
-    return kernels.linear if bias else kernels.linear_no_bias
+def _native_conv() -> Optional[native_conv.ConvKernels]:
+    """Our compiled CPU convolution kernels where they apply (CPU target, built), else None."""
+    return native_conv.kernels() if on_cpu_target() else None
 
 
 def _weight(shape: tuple, fan_in: int, dtype=ms.float32) -> Parameter:
@@ -83,16 +72,15 @@ class Linear(nn.Cell):
         self.out_features = out_features
         self.weight = _weight((out_features, in_features), in_features, dtype)
         self.bias = _bias(out_features, in_features, dtype) if bias else None
-        self.native = native_linear(bias)
 
     def construct(self, x):
-        return linear(x, self.weight, self.bias, self.native)
+        return linear(x, self.weight, self.bias)
 
 
 class Conv2d(nn.Cell):
     """2-D convolution with torch semantics (explicit zero padding, weight (out, in, kh, kw), bias).
 
-    On the CPU target it runs as our compiled kernel (``native_matmul``), or, without it, as im2col
+    On the CPU target it runs as our compiled kernel (``native_conv``), or, without it, as im2col
     (``ops.unfold``) + one matmul; elsewhere the native kernel.
     """
 
@@ -117,9 +105,9 @@ class Conv2d(nn.Cell):
         self.bias = _bias(out_channels, fan_in, dtype) if bias else None
         self.im2col = on_cpu_target()
         self.pointwise = kernel_size == 1 and stride == 1 and padding == 0
-        kernels = native_matmul_kernels()
+        kernels = _native_conv()
         self.native = kernels.conv2d(stride, padding, bias) if kernels is not None else None
-        self.geometry = native_matmul.geometry_tensor(stride, padding)
+        self.geometry = native_conv.geometry_tensor(stride, padding)
 
     def construct(self, x):
         if self.native is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:

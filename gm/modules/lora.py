@@ -42,8 +42,7 @@ from gm.errors import ConfigError
 from gm.modules.attention import dropout_cell, merge_heads, scaled_dot_product_attention, split_heads
 from gm.modules.embedders.clip import PackedSelfAttention
 from gm.modules.embedders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder2
-from gm.modules.layers import Linear, linear, native_matmul_kernels
-from gm.modules.native_matmul import scale_tensor
+from gm.modules.layers import Linear, linear
 
 _logger = logging.getLogger(__name__)
 
@@ -195,22 +194,10 @@ class LoRALinear(LoRABranch):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.native = base.native
-        # the whole layer as one compiled CPU op (native_matmul) where it applies: float32, no dropout
-        kernels = native_matmul_kernels()
-        self.fused = None
-        if kernels is not None and dropout == 0 and not self.lora_cast:
-            self.fused = kernels.lora_linear if base.bias is not None else kernels.lora_linear_no_bias
-        self.scale_input = scale_tensor(self.scale)
 
     def construct(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out)."""
-        if self.fused is not None and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
-            down, up = self.lora_down.weight, self.lora_up.weight
-            if self.bias is None:
-                return self.fused(x, self.weight, down, up, self.scale_input)[0]
-            return self.fused(x, self.weight, down, up, self.scale_input, self.bias)[0]
-        return linear(x, self.weight, self.bias, self.native) + self.lora_delta(x)
+        return linear(x, self.weight, self.bias) + self.lora_delta(x)
 
 
 class LoRAPackedSelfAttention(nn.Cell):
@@ -227,7 +214,6 @@ class LoRAPackedSelfAttention(nn.Cell):
         self.in_proj_weight = base.in_proj_weight
         self.in_proj_bias = base.in_proj_bias
         self.out_proj = base.out_proj
-        self.native = base.native
         base_dtype = base.in_proj_weight.dtype
         dtype = base_dtype if dtype is None else dtype
         self.in_proj_q = LoRABranch(self.width, self.width, rank, alpha, dropout, dtype, base_dtype)
@@ -236,7 +222,7 @@ class LoRAPackedSelfAttention(nn.Cell):
 
     def construct(self, x: Tensor, mask: Tensor) -> Tensor:
         """(B, L, W), additive mask (L, L) -> (B, L, W)."""
-        qkv = linear(x, self.in_proj_weight, self.in_proj_bias, self.native)  # (B, L, 3W)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
         q, k, v = ops.split(qkv, self.width, axis=-1)
         q = split_heads(q + self.in_proj_q(x), self.heads)
         k = split_heads(k + self.in_proj_k(x), self.heads)

@@ -22,7 +22,7 @@ from mindspore.common.initializer import Normal, initializer
 
 from gm.modules.attention import merge_heads, scaled_dot_product_attention, split_heads
 from gm.modules.embedders.clip import CLIPEncoder, CLIPTextModel
-from gm.modules.layers import LayerNorm, Linear, gelu_exact, linear, native_linear
+from gm.modules.layers import LayerNorm, Linear, gelu_exact, linear
 
 
 def patchify(pixels: Tensor, patch: int) -> Tensor:
@@ -41,12 +41,11 @@ class PatchProjection(nn.Cell):
         self.patch = patch
         self.weight = Parameter(initializer(Normal(0.02), (width, channels, patch, patch)), name="weight")
         self.bias = Parameter(initializer("zeros", (width,)), name="bias") if bias else None
-        self.native = native_linear(bias)
 
     def construct(self, pixels: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, N, D)."""
         weight = self.weight.reshape(self.weight.shape[0], -1)
-        return linear(patchify(pixels, self.patch), weight, self.bias, self.native)
+        return linear(patchify(pixels, self.patch), weight, self.bias)
 
 
 # -- CLIP -------------------------------------------------------------------------------------

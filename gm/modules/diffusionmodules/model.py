@@ -54,7 +54,7 @@ _ROWS_CONV_MIN_PIXELS = 64 * 64
 
 class _Conv3x3(Conv2d):
     """layers.Conv2d (3x3, stride 1, padding 1), computed by ``cpu_kernels.conv3x3_same`` on the CPU
-    target for large images when our compiled kernel (``native_matmul``) is not there."""
+    target for large images when our compiled kernel (``native_conv``) is not there."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)

@@ -26,7 +26,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, Uniform, initializer
 
 from gm.modules.attention import merge_heads, scaled_dot_product_attention, split_heads
-from gm.modules.layers import Embedding, LayerNorm, Linear, gelu_exact, linear, native_linear, quick_gelu
+from gm.modules.layers import Embedding, LayerNorm, Linear, gelu_exact, linear, quick_gelu
 
 LN_EPS = 1e-5  # both towers use torch's LayerNorm default
 
@@ -173,11 +173,10 @@ class PackedSelfAttention(nn.Cell):
         self.in_proj_weight = Parameter(initializer(Uniform(bound), (3 * width, width)), name="in_proj_weight")
         self.in_proj_bias = Parameter(initializer("zeros", (3 * width,)), name="in_proj_bias")
         self.out_proj = Linear(width, width)
-        self.native = native_linear(bias=True)
 
     def construct(self, x: Tensor, mask: Tensor) -> Tensor:
         """(B, L, W), additive mask (L, L) -> (B, L, W)."""
-        qkv = linear(x, self.in_proj_weight, self.in_proj_bias, self.native)  # (B, L, 3W)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
         q, k, v = ops.split(qkv, self.width, axis=-1)
         q, k, v = split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads)
         return self.out_proj(merge_heads(scaled_dot_product_attention(q, k, v, mask)))
