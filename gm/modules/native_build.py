@@ -9,16 +9,20 @@ and reused by every later process (compiling takes ~1-2 s).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from mindspore import ops
 
 from gm.compile_cache import USER_CACHE
+
+_logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CACHE_ROOT = USER_CACHE / "kernels"
 # -O3 without -march=native: the cache folder may be shared by machines of different CPUs
@@ -59,6 +63,18 @@ def build_library(source: Path, cache_root: Path = CACHE_ROOT, link: Sequence[st
         if os.path.exists(partial):
             os.remove(partial)
     return target
+
+
+def load_or_fall_back(switch: str, load: Callable[[], T], what: str, fallback: str) -> Optional[T]:
+    """``load()`` (build and wrap the kernels), or None when the environment variable ``switch`` is
+    ``0`` or building fails (logged once per caller: "<what> unavailable (<reason>); <fallback>")."""
+    if os.environ.get(switch, "1") == "0":
+        return None
+    try:
+        return load()
+    except (OSError, RuntimeError) as err:
+        _logger.warning("%s unavailable (%s); %s", what, err, fallback)
+        return None
 
 
 class KernelOp(ops.Custom):

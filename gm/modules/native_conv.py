@@ -18,8 +18,6 @@ always keep their own kernels.
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +27,6 @@ from mindspore import Tensor
 from gm.modules import native_build
 from gm.modules.native_build import CACHE_ROOT
 
-_logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".cc")
 ENV_SWITCH = "SDXL_MS_NATIVE_CONV"
 DNNL = "libdnnl.so.3"
@@ -107,10 +104,5 @@ def geometry_tensor(stride: int, padding: int) -> Tensor:
 @functools.cache
 def kernels() -> Optional[ConvKernels]:
     """The compiled kernels, or None where they are switched off or cannot be built (logged once)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    try:
-        return ConvKernels(build_library())
-    except (OSError, RuntimeError) as err:
-        _logger.warning("CPU convolution kernels unavailable (%s); using im2col + MatMul, slower", err)
-        return None
+    return native_build.load_or_fall_back(ENV_SWITCH, lambda: ConvKernels(build_library()), "CPU convolution kernels",
+                                          "using im2col + MatMul, slower")

@@ -16,8 +16,6 @@ own kernels (same results to float32 rounding). Ascend and GPU always keep their
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +25,6 @@ from mindspore import Tensor, ops
 from gm.modules import native_build
 from gm.modules.native_build import CACHE_ROOT
 
-_logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_suffix(".cc")
 ENV_SWITCH = "SDXL_MS_NATIVE_NORMS"
 
@@ -78,14 +75,8 @@ class NormKernels:
 @functools.cache
 def kernels() -> Optional[NormKernels]:
     """The compiled kernels, or None where they are switched off or cannot be built (logged once)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    try:
-        return NormKernels(build_library())
-    except (OSError, RuntimeError) as err:
-        _logger.warning("CPU norm kernels unavailable (%s); using MindSpore's own LayerNorm/GroupNorm, "
-                        "slower on the CPU target", err)
-        return None
+    return native_build.load_or_fall_back(ENV_SWITCH, lambda: NormKernels(build_library()), "CPU norm kernels",
+                                          "using MindSpore's own LayerNorm/GroupNorm, slower on the CPU target")
 
 
 def eps_tensor(eps: float) -> Tensor:
