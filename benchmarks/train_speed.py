@@ -32,6 +32,7 @@ float32 matmul peak; and ``ratios`` ours / reference. Prints JSON (``--json FILE
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "dreambooth"
@@ -186,6 +187,9 @@ def main() -> None:
     parser.add_argument("--resolutions", nargs="+", type=int, default=[128, 256])
     parser.add_argument("--variants", nargs="+", default=["graph", "uncached", "reference"], choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with graph and reference: this many warm-ours/reference pairs in all, alternated, "
+                             "and the median of their step ratios (a steadier ratio on a noisy machine)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--_reference_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,6 +218,10 @@ def main() -> None:
                     row[variant] = ours(config, resolution, args.steps, variant, cache_dir, work)
                     if variant == "graph":  # the same run on the now warm compile cache
                         row["graph_warm"] = ours(config, resolution, args.steps, "graph", cache_dir, work)
+                if args.rounds > 1 and "graph" in row and "reference" in row:
+                    warm = functools.partial(ours, config, resolution, args.steps, "graph", cache_dir, work)
+                    theirs = functools.partial(reference, config, resolution, args.steps)
+                    _alternated_rounds(row, args.rounds, warm, theirs)
                 _add_ratios(row, results["mindspore_matmul_peak_gflops"])
                 results["runs"].append(row)
                 print(json.dumps(_brief(row)), file=sys.stderr, flush=True)
@@ -221,6 +229,18 @@ def main() -> None:
     print(text)
     if args.json:
         Path(args.json).write_text(text)
+
+
+def _alternated_rounds(row: Dict, rounds: int, ours_warm: Callable[[], Dict], theirs: Callable[[], Dict]) -> None:
+    """Round 1 is the row's own warm run and reference run; each further round runs ours (warm
+    cache) and then the reference again. This machine's speed drifts by up to 1.5x within minutes,
+    so a ratio of runs made back to back, repeated, says more than any single pair."""
+    pairs = [(row["graph_warm"]["median_step_s"], row["reference"]["median_step_s"])]
+    for i in range(2, rounds + 1):
+        print(f"  round {i}/{rounds}", file=sys.stderr, flush=True)
+        pairs.append((ours_warm()["median_step_s"], theirs()["median_step_s"]))
+    row["rounds"] = [{"ours_warm_median_step_s": a, "reference_median_step_s": b, "ratio": a / b} for a, b in pairs]
+    row["median_round_step_ratio"] = statistics.median(a / b for a, b in pairs)
 
 
 def _add_ratios(row: Dict, ms_peak: float) -> None:
