@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--_reference_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1 or (args.rounds > 1 and not {"graph", "reference"} <= set(args.variants)):
+        parser.error(f"--rounds {args.rounds}: use 1, or more with --variants including graph and reference")
     if args._reference_child:
         config, resolution, steps = args._reference_child
         _reference_child(config, int(resolution), int(steps))
@@ -218,7 +220,7 @@ def main() -> None:
                     row[variant] = ours(config, resolution, args.steps, variant, cache_dir, work)
                     if variant == "graph":  # the same run on the now warm compile cache
                         row["graph_warm"] = ours(config, resolution, args.steps, "graph", cache_dir, work)
-                if args.rounds > 1 and "graph" in row and "reference" in row:
+                if args.rounds > 1:
                     warm = functools.partial(ours, config, resolution, args.steps, "graph", cache_dir, work)
                     theirs = functools.partial(reference, config, resolution, args.steps)
                     _alternated_rounds(row, args.rounds, warm, theirs)
@@ -240,7 +242,7 @@ def _alternated_rounds(row: Dict, rounds: int, ours_warm: Callable[[], Dict], th
         print(f"  round {i}/{rounds}", file=sys.stderr, flush=True)
         pairs.append((ours_warm()["median_step_s"], theirs()["median_step_s"]))
     row["rounds"] = [{"ours_warm_median_step_s": a, "reference_median_step_s": b, "ratio": a / b} for a, b in pairs]
-    row["median_round_step_ratio"] = statistics.median(a / b for a, b in pairs)
+    row["median_round_step_ratio"] = statistics.median(pair["ratio"] for pair in row["rounds"])
 
 
 def _add_ratios(row: Dict, ms_peak: float) -> None:
