@@ -124,6 +124,8 @@ struct ConvShape {
     wo = (w + 2 * pad - kw) / stride + 1;
   }
   int64_t Pixels() const { return ho * wo; }
+  // multiply-adds x 2 of the forward; each gradient costs the same
+  double Flops() const { return 2.0 * n * o * c * kh * kw * ho * wo; }
 };
 
 // How many parts oneDNN splits each primitive into, whatever the machine (see the top).
@@ -131,12 +133,21 @@ constexpr int kParts = 8;
 
 // The pool handed to oneDNN: each parallel_for runs its closures on up to Cores() threads started
 // for the call.
+// Below this many floating-point operations a convolution runs on the calling thread alone:
+// starting a pool thread costs ~30 us here and one call makes several parallel_for calls (each
+// layout conversion and the primitive), ~0.1 ms in all, which is what a second core saves on
+// ~30 MFLOP. Measured (2 cores, alternated runs): the tiny SDXL train step at 128x128, whose
+// convolutions are all 9-28 MFLOP, 0.095 -> 0.080 s; medium at 256x256 (>= 0.6 GFLOP each)
+// unchanged, and 15% slower with every convolution serial. The split into kParts stays the same,
+// so results do not change.
+constexpr double kSerialFlops = 32e6;
 thread_local bool t_in_pool = false;
+thread_local bool t_serial = false;  // set by Run for the call in progress
 struct Pool : ThreadpoolInterface {
   int get_num_threads() const override { return kParts; }
   bool get_in_parallel() const override { return t_in_pool; }
   void parallel_for(int n, const std::function<void(int, int)> &fn) override {
-    const int parts = std::min<int>(n, static_cast<int>(Cores()));
+    const int parts = t_serial ? 1 : std::min<int>(n, static_cast<int>(Cores()));
     auto body = [&](int p) {
       t_in_pool = true;
       for (int i = p; i < n; i += parts) fn(i, n);
@@ -249,7 +260,7 @@ ConvPrimitives *MakeConv(const ConvShape &s) {
 }
 
 // Runs `step` on the kernel's buffers a, b (inputs) and c (output) with these argument names.
-void Run(const Step &step, int arg_a, const void *a, int arg_b, const void *b, int arg_c, void *c);
+void Run(const Step &step, double flops, int arg_a, const void *a, int arg_b, const void *b, int arg_c, void *c);
 
 ConvPrimitives *Conv(const ConvShape &s) {
   static std::mutex mutex;
@@ -301,7 +312,8 @@ struct Staged {
   }
 };
 
-void Run(const Step &step, int arg_a, const void *a, int arg_b, const void *b, int arg_c, void *c) {
+void Run(const Step &step, double flops, int arg_a, const void *a, int arg_b, const void *b, int arg_c, void *c) {
+  t_serial = flops < kSerialFlops;
   Staged sa(step.a, a, false), sb(step.b, b, false), sc(step.c, c, true);
   dnnl_exec_arg_t args[] = {{arg_a, sa.chosen}, {arg_b, sb.chosen}, {arg_c, sc.chosen}};
   dnnl_primitive_execute(step.primitive, Stream(), 3, args);
@@ -316,7 +328,7 @@ extern "C" int ConvForward(int nparam, void **params, int *, int64_t **shapes, c
   ConvPrimitives *p = Conv(s);
   if (p == nullptr) return 1;
   float *y = static_cast<float *>(params[nparam - 1]);
-  Run(p->forward, DNNL_ARG_SRC, params[0], DNNL_ARG_WEIGHTS, params[1], DNNL_ARG_DST, y);
+  Run(p->forward, s.Flops(), DNNL_ARG_SRC, params[0], DNNL_ARG_WEIGHTS, params[1], DNNL_ARG_DST, y);
   if (has_bias) {
     const float *bias = static_cast<const float *>(params[3]);
     const int64_t pixels = s.Pixels();
@@ -334,7 +346,7 @@ extern "C" int ConvGradInput(int, void **params, int *, int64_t **shapes, const 
   const ConvShape s(shapes[3], shapes[1], static_cast<const float *>(params[2]));
   ConvPrimitives *p = Conv(s);
   if (p == nullptr) return 1;
-  Run(p->backward_data, DNNL_ARG_DIFF_DST, params[0], DNNL_ARG_WEIGHTS, params[1], DNNL_ARG_DIFF_SRC, params[4]);
+  Run(p->backward_data, s.Flops(), DNNL_ARG_DIFF_DST, params[0], DNNL_ARG_WEIGHTS, params[1], DNNL_ARG_DIFF_SRC, params[4]);
   return 0;
 }
 
@@ -343,7 +355,7 @@ extern "C" int ConvGradWeight(int, void **params, int *, int64_t **shapes, const
   const ConvShape s(shapes[1], shapes[3], static_cast<const float *>(params[2]));
   ConvPrimitives *p = Conv(s);
   if (p == nullptr) return 1;
-  Run(p->backward_weights, DNNL_ARG_DIFF_DST, params[0], DNNL_ARG_SRC, params[1], DNNL_ARG_DIFF_WEIGHTS, params[4]);
+  Run(p->backward_weights, s.Flops(), DNNL_ARG_DIFF_DST, params[0], DNNL_ARG_SRC, params[1], DNNL_ARG_DIFF_WEIGHTS, params[4]);
   return 0;
 }
 
