@@ -243,7 +243,7 @@ def main(argv=None) -> None:
 
     from gm.compile_cache import cache_key, enable_compile_cache, start_compile_helper
     from gm.inference import set_mode
-    from gm.modules import native_conv, native_norms
+    from gm.modules import native_attention, native_conv, native_norms
     from gm.parallel import init_parallel, stop_on_collective_failure
 
     set_mode(args.ms_mode, args.device_target)
@@ -253,9 +253,10 @@ def main(argv=None) -> None:
     folder = enable_compile_cache(args.compile_cache, cache_key(
         OmegaConf.to_container(cfg, resolve=True), ms_mode=args.ms_mode, device=args.device_target,
         with_prior=with_prior, is_parallel=args.is_parallel, world_size=parallel.world_size,
-        # whether the norms and convolutions are our compiled kernels or MindSpore's: different graphs
+        # whether the norms, convolutions and attention are our compiled kernels or MindSpore's: different graphs
         cpu_norm_kernels=args.device_target == "CPU" and native_norms.kernels() is not None,
-        cpu_conv_kernels=args.device_target == "CPU" and native_conv.kernels() is not None),
+        cpu_conv_kernels=args.device_target == "CPU" and native_conv.kernels() is not None,
+        cpu_attention_kernels=args.device_target == "CPU" and native_attention.kernels() is not None),
         exclusive=parallel.world_size == 1)
     if args.compile_only:
         compile_train_step(args, cfg, with_prior)

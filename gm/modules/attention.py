@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from gm.modules import native_attention
 from gm.modules.diffusionmodules.util import zero_module
-from gm.modules.layers import Conv2d, GroupNorm, Identity, LayerNorm, Linear, gelu_exact
+from gm.modules.layers import Conv2d, GroupNorm, Identity, LayerNorm, Linear, gelu_exact, on_cpu_target
 from gm.modules.pynative_jit import PyNativeCompilable
 
 _BMM = ops.BatchMatMul()
@@ -71,6 +73,9 @@ class CrossAttention(nn.Cell):
         self.to_k = Linear(context_dim, inner, bias=False)
         self.to_v = Linear(context_dim, inner, bias=False)
         self.to_out = nn.SequentialCell([Linear(inner, query_dim), dropout_cell(dropout)])
+        kernels = native_attention.kernels() if on_cpu_target() else None
+        # our compiled kernel on the CPU target (float32); MindSpore's ops elsewhere
+        self.native = kernels.attention(heads) if kernels is not None else None
 
     def construct(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """x: (B, Lq, query_dim); context: (B, Lk, context_dim) or None -> (B, Lq, query_dim)."""
@@ -84,10 +89,13 @@ class CrossAttention(nn.Cell):
         train step those were ~1500 of ~6800 graph nodes at tiny size (each a launched kernel).
         """
         source = tokens if context is None else context.reshape(-1, context.shape[-1])
-        q = split_heads(self.to_q(tokens), self.heads, batch)
-        k = split_heads(self.to_k(source), self.heads, batch)
-        v = split_heads(self.to_v(source), self.heads, batch)
-        out = scaled_dot_product_attention(q, k, v)
+        q, k, v = self.to_q(tokens), self.to_k(source), self.to_v(source)
+        if self.native is not None and q.dtype == ms.float32:
+            width = q.shape[-1]
+            out = self.native(q.reshape(batch, -1, width), k.reshape(batch, -1, width), v.reshape(batch, -1, width))[0]
+            return self.to_out(out.reshape(-1, width))
+        out = scaled_dot_product_attention(split_heads(q, self.heads, batch), split_heads(k, self.heads, batch),
+                                           split_heads(v, self.heads, batch))
         return self.to_out(merge_heads(out, tokens=True))
 
 

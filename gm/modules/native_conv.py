@@ -32,7 +32,7 @@ ENV_SWITCH = "SDXL_MS_NATIVE_CONV"
 DNNL = "libdnnl.so.3"
 
 
-def _dnnl_dir() -> Path:
+def dnnl_dir() -> Path:
     """The folder of MindSpore's bundled oneDNN."""
     lib = Path(ms.__file__).parent / "lib"
     if not (lib / DNNL).is_file():
@@ -42,7 +42,7 @@ def _dnnl_dir() -> Path:
 
 def build_library(cache_root: Path = CACHE_ROOT) -> Path:
     """Compile ``native_conv.cc`` against MindSpore's oneDNN into ``cache_root/<hash>/``."""
-    lib = _dnnl_dir()
+    lib = dnnl_dir()
     return native_build.build_library(SOURCE, cache_root, link=(f"-L{lib}", f"-l:{DNNL}", f"-Wl,-rpath,{lib}"))
 
 

@@ -1,0 +1,177 @@
+// Multi-head scaled-dot-product attention, forward and backward, as MindSpore "aot" custom-op
+// kernels for the CPU target (built by native_attention.py). The products run on oneDNN's
+// dnnl_sgemm (libdnnl.so.3, shipped inside MindSpore's wheel), which reads each head straight out
+// of the (tokens, heads * d) projections through its leading dimension: no head transposes, no
+// separate scale, softmax and gradient ops. In a LoRA train step those were ~18 launched kernels
+// per attention layer on the CPU target (split/merge-head transposes, BatchMatMuls, the softmax
+// and their gradients), each ~10 us of launch time whatever its size.
+//
+// Work is split by (sample, head): each pair is computed whole by one thread in a fixed order, so
+// results do not depend on the core count. Small calls run on the calling thread (starting a
+// thread costs ~30 us here).
+//
+// Kernel signature (MindSpore aot): int f(int nparam, void **params, int *ndims, int64_t **shapes,
+// const char **dtypes, void *stream, void *extra); params are the inputs, then the outputs.
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+extern "C" {
+// oneDNN 3.x C API (oneapi/dnnl/dnnl.h): row-major C = alpha * op(A) op(B) + beta * C
+int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+               const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+}
+
+namespace {
+
+int64_t Cores() {
+  static const int64_t cores = [] {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return static_cast<int64_t>(std::max(1, CPU_COUNT(&set)));
+    return static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+  }();
+  return cores;
+}
+
+// Below this many floating-point operations a call runs on the calling thread alone (see the top).
+constexpr double kSerialFlops = 32e6;
+
+// Runs fn(unit, scratch) for unit in [0, units): each thread owns a scratch buffer of `scratch`
+// floats and takes the units p, p + parts, ... in order.
+template <typename Fn>
+void ForUnits(int64_t units, double flops, size_t scratch, const Fn &fn) {
+  const int64_t parts = flops < kSerialFlops ? 1 : std::min(units, Cores());
+  auto body = [&](int64_t p) {
+    std::vector<float> buffer(scratch);
+    for (int64_t u = p; u < units; u += parts) fn(u, buffer.data());
+  };
+  std::vector<std::thread> workers;
+  for (int64_t p = 1; p < parts; p++) workers.emplace_back(body, p);
+  body(0);
+  for (auto &w : workers) w.join();
+}
+
+// exp(x) for x <= 0 (softmax arguments after subtracting the row maximum), written so the compiler
+// vectorises the loops that call it (std::exp is a scalar library call): x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7 before rounding, about
+// one float ulp), 2^n by the exponent bits. Below -87 the result is 0 (float underflow).
+inline float ExpNonPositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // round to nearest by adding and subtracting 1.5 * 2^23 (std::nearbyint does not vectorise)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts, exactly subtractable
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Sum of x[0..n) in double, as 8 interleaved partial sums added in a fixed order (vectorisable,
+// and the same bits on every machine and thread count).
+inline double Sum(const float *x, int64_t n) {
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; l++) part[l] += x[j + l];
+  for (int l = 0; j < n; j++, l++) part[l] += x[j];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// The row loops are compiled for AVX-512, AVX2 and the baseline, picked by the CPU at load time
+// (the library is built without -march: the cache folder may be shared by several machines).
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// softmax of each of `rows` rows of `cols` values, in place
+VECTOR_CLONES void SoftmaxRows(float *p, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; i++) {
+    float *row = p + i * cols;
+    const float top = *std::max_element(row, row + cols);
+    for (int64_t j = 0; j < cols; j++) row[j] = ExpNonPositive(row[j] - top);
+    const float inverse = static_cast<float>(1.0 / Sum(row, cols));
+    for (int64_t j = 0; j < cols; j++) row[j] *= inverse;
+  }
+}
+
+// the softmax gradient in place: ds = p * (dp - sum_j p dp), row by row; `work` holds cols floats
+VECTOR_CLONES void SoftmaxGradRows(const float *p, float *ds, int64_t rows, int64_t cols, float *work) {
+  for (int64_t i = 0; i < rows; i++) {
+    const float *prow = p + i * cols;
+    float *row = ds + i * cols;
+    for (int64_t j = 0; j < cols; j++) work[j] = prow[j] * row[j];
+    const float centre = static_cast<float>(Sum(work, cols));
+    for (int64_t j = 0; j < cols; j++) row[j] = prow[j] * (row[j] - centre);
+  }
+}
+
+// The geometry of one call: q (batch, lq, heads * d); k, v (batch, lk, heads * d); the
+// probabilities (batch, heads, lq, lk) tell the head count.
+struct Geometry {
+  int64_t batch, heads, d, lq, lk, width;
+  float scale;
+  Geometry(const int64_t *q, const int64_t *k, const int64_t *probs)
+      : batch(q[0]), heads(probs[1]), d(q[2] / probs[1]), lq(q[1]), lk(k[1]), width(q[2]),
+        scale(1.0f / std::sqrt(static_cast<float>(q[2] / probs[1]))) {}
+  int64_t Units() const { return batch * heads; }
+  // offsets of unit u's first element in the token tensors and in the (batch, heads, lq, lk) probabilities
+  int64_t QOffset(int64_t u) const { return (u / heads) * lq * width + (u % heads) * d; }
+  int64_t KOffset(int64_t u) const { return (u / heads) * lk * width + (u % heads) * d; }
+  int64_t POffset(int64_t u) const { return u * lq * lk; }
+  double Flops() const { return 4.0 * batch * heads * lq * lk * d; }
+};
+
+}  // namespace
+
+// q (B, Lq, H*d), k (B, Lk, H*d), v (B, Lk, H*d)
+//   -> out (B, Lq, H*d), probs (B, H, Lq, Lk): softmax(q k^T / sqrt(d)) v per sample and head
+extern "C" int AttentionForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const Geometry g(shapes[0], shapes[1], shapes[4]);
+  const float *q = static_cast<const float *>(params[0]);
+  const float *k = static_cast<const float *>(params[1]);
+  const float *v = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  float *probs = static_cast<float *>(params[4]);
+  ForUnits(g.Units(), g.Flops(), 0, [&](int64_t u, float *) {
+    float *p = probs + g.POffset(u);
+    dnnl_sgemm('N', 'T', g.lq, g.lk, g.d, g.scale, q + g.QOffset(u), g.width, k + g.KOffset(u), g.width, 0.0f, p, g.lk);
+    SoftmaxRows(p, g.lq, g.lk);
+    dnnl_sgemm('N', 'N', g.lq, g.d, g.lk, 1.0f, p, g.lk, v + g.KOffset(u), g.width, 0.0f, out + g.QOffset(u), g.width);
+  });
+  return 0;
+}
+
+// dout (B, Lq, H*d), q, k, v, probs (B, H, Lq, Lk) -> dq, dk, dv
+extern "C" int AttentionBackward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const Geometry g(shapes[1], shapes[2], shapes[4]);
+  const float *dout = static_cast<const float *>(params[0]);
+  const float *q = static_cast<const float *>(params[1]);
+  const float *k = static_cast<const float *>(params[2]);
+  const float *v = static_cast<const float *>(params[3]);
+  const float *probs = static_cast<const float *>(params[4]);
+  float *dq = static_cast<float *>(params[5]);
+  float *dk = static_cast<float *>(params[6]);
+  float *dv = static_cast<float *>(params[7]);
+  ForUnits(g.Units(), 2.0 * g.Flops(), static_cast<size_t>((g.lq + 1) * g.lk), [&](int64_t u, float *ds) {
+    const float *p = probs + g.POffset(u);
+    const float *dout_u = dout + g.QOffset(u);
+    // dv = p^T dout; dp = dout v^T (into ds)
+    dnnl_sgemm('T', 'N', g.lk, g.d, g.lq, 1.0f, p, g.lk, dout_u, g.width, 0.0f, dv + g.KOffset(u), g.width);
+    dnnl_sgemm('N', 'T', g.lq, g.lk, g.d, 1.0f, dout_u, g.width, v + g.KOffset(u), g.width, 0.0f, ds, g.lk);
+    SoftmaxGradRows(p, ds, g.lq, g.lk, ds + g.lq * g.lk);
+    // scores = scale q k^T: dq = scale ds k, dk = scale ds^T q
+    dnnl_sgemm('N', 'N', g.lq, g.d, g.lk, g.scale, ds, g.lk, k + g.KOffset(u), g.width, 0.0f, dq + g.QOffset(u), g.width);
+    dnnl_sgemm('T', 'N', g.lk, g.d, g.lq, g.scale, ds, g.lk, q + g.QOffset(u), g.width, 0.0f, dk + g.KOffset(u), g.width);
+  });
+  return 0;
+}

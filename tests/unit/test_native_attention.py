@@ -1,0 +1,156 @@
+"""Our compiled CPU attention kernels (``gm.modules.native_attention``, products on oneDNN's sgemm)
+behind ``CrossAttention``: the output and the gradients of the input, the context and every
+projection weight equal torch's ``scaled_dot_product_attention`` path, in graph mode and PyNative,
+for self- and cross-attention, a shape above the single-thread threshold and scores wide enough to
+underflow the softmax; the bits do not depend on the core count; switched off, attention keeps
+MindSpore's ops with the same results."""
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from gm.modules import native_attention
+from gm.modules.attention import CrossAttention
+
+CASES = {
+    # (batch, tokens, context tokens or None for self-attention, query width, context width, heads, head width, weight scale)
+    "self": (2, 64, None, 32, None, 2, 16, 0.3),
+    "cross": (2, 64, 77, 32, 96, 2, 16, 0.3),
+    "one_head_one_sample": (1, 16, 9, 8, 12, 1, 8, 0.3),
+    # ~140 MFLOP: split across threads
+    "self_large": (2, 256, None, 128, None, 4, 32, 0.3),
+    # scores in the hundreds: most softmax terms underflow to exactly 0
+    "wide_scores": (2, 32, 40, 32, 48, 2, 16, 3.0),
+}
+
+
+def _layer(case):
+    batch, tokens, ctx_tokens, width, ctx_width, heads, head_width, scale = CASES[case]
+    layer = CrossAttention(width, ctx_width, heads, head_width)
+    rng = np.random.default_rng(len(case))
+    for p in layer.get_parameters():
+        p.set_data(Tensor((rng.standard_normal(p.shape) * scale / np.sqrt(p.shape[-1])).astype(np.float32)))
+    x = rng.standard_normal((batch, tokens, width)).astype(np.float32)
+    context = None if ctx_tokens is None else rng.standard_normal((batch, ctx_tokens, ctx_width)).astype(np.float32)
+    dy = rng.standard_normal((batch, tokens, width)).astype(np.float32)
+    return layer, x, context, dy
+
+
+def _ours(layer, x, context, dy, mode):
+    """Output, then the gradients of sum(layer(x, context) * dy): x[, context], then each weight."""
+    weights = layer.trainable_params()
+    inputs = (Tensor(x),) if context is None else (Tensor(x), Tensor(context))
+
+    def loss(*args):
+        return (layer(*args) * Tensor(dy)).sum()
+
+    grad_fn = ms.grad(loss, grad_position=tuple(range(len(inputs))), weights=weights)
+    if mode == "graph":
+        grad_fn = ms.jit(grad_fn)
+    else:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        out = layer(*inputs).asnumpy()
+        input_grads, weight_grads = grad_fn(*inputs)
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    input_grads = input_grads if isinstance(input_grads, tuple) else (input_grads,)
+    return out, [g.asnumpy() for g in (*input_grads, *weight_grads)], [p.name for p in weights]
+
+
+def _torch(layer, x, context, dy, heads, names):
+    import torch
+
+    params = {p.name: torch.from_numpy(p.asnumpy()).requires_grad_(True) for p in layer.get_parameters()}
+    weight = {n.split(".")[-2] if "to_out" not in n else "out_" + n.split(".")[-1]: t for n, t in params.items()}
+    tx = torch.from_numpy(x).requires_grad_(True)
+    tc = tx if context is None else torch.from_numpy(context).requires_grad_(True)
+    q, k, v = tx @ weight["to_q"].T, tc @ weight["to_k"].T, tc @ weight["to_v"].T
+    b, tokens, inner = q.shape
+
+    def split(t):
+        return t.reshape(b, -1, heads, inner // heads).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    out = out.transpose(1, 2).reshape(b, tokens, inner) @ weight["out_weight"].T + weight["out_bias"]
+    out.backward(torch.from_numpy(dy))
+    grads = [tx.grad.numpy()] + ([] if context is None else [tc.grad.numpy()])
+    return out.detach().numpy(), grads + [params[n].grad.numpy() for n in names]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_built():
+    assert native_attention.kernels() is not None, "the kernels did not build (is g++ installed?)"
+
+
+@pytest.mark.parametrize("mode", ["graph", "pynative"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_attention_output_and_gradients_match_torch(case, mode):
+    layer, x, context, dy = _layer(case)
+    assert layer.native is not None
+    out, grads, names = _ours(layer, x, context, dy, mode)
+    expected, expected_grads = _torch(layer, x, context, dy, CASES[case][5], names)
+    labels = ["output", "dx"] + ([] if context is None else ["dcontext"]) + names
+    for label, a, b in zip(labels, [out, *grads], [expected, *expected_grads]):
+        assert a.shape == b.shape, f"{case} {label}: shape {a.shape} against torch's {b.shape}"
+        scale, diff = float(np.abs(b).max()), float(np.abs(a - b).max())
+        assert diff <= 1e-5 * scale, f"{case} {label}: max diff {diff:.3g} against max |torch| {scale:.3g}"
+
+
+def test_switched_off_attention_keeps_mindspore_ops_with_the_same_results(monkeypatch):
+    layer, x, context, dy = _layer("cross")
+    on, on_grads, _ = _ours(layer, x, context, dy, "pynative")
+    monkeypatch.setenv(native_attention.ENV_SWITCH, "0")
+    native_attention.kernels.cache_clear()
+    try:
+        off_layer = CrossAttention(32, 96, 2, 16)
+        assert off_layer.native is None
+        for mine, theirs in zip(off_layer.get_parameters(), layer.get_parameters()):
+            mine.set_data(theirs.data.copy())
+        off, off_grads, _ = _ours(off_layer, x, context, dy, "pynative")
+    finally:
+        native_attention.kernels.cache_clear()
+    for a, b in zip([on, *on_grads], [off, *off_grads]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_results_do_not_depend_on_the_number_of_cores(tmp_path):
+    """Each (sample, head) is computed whole by one thread: one core and two give the same bits
+    (resume on a machine with another core count stays exact)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    script = (
+        f"import sys; sys.path.insert(0, {str(repo)!r})\n"
+        "import numpy as np, mindspore as ms\n"
+        "from mindspore import Tensor\n"
+        "ms.set_context(mode=ms.GRAPH_MODE, device_target='CPU')\n"
+        "from gm.modules.attention import CrossAttention\n"
+        "ms.set_seed(0)\n"
+        "layer = CrossAttention(128, None, 4, 32)\n"
+        "assert layer.native is not None\n"
+        "x = Tensor(np.random.default_rng(0).standard_normal((2, 256, 128)).astype(np.float32))\n"
+        "def loss(v):\n"
+        "    return (layer(v) * v).sum()\n"
+        "grad = ms.jit(ms.grad(loss, grad_position=0, weights=layer.trainable_params()))\n"
+        "dx, dw = grad(x)\n"
+        "parts = [layer(x), dx, *dw]\n"
+        "np.save(sys.argv[1], np.concatenate([p.asnumpy().ravel() for p in parts]))\n"
+    )
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2 or shutil.which("taskset") is None:
+        pytest.skip("needs two cores and taskset")
+    source = tmp_path / "attention_bits.py"  # MindSpore compiles graphs only from source files
+    source.write_text(script)
+    outputs = []
+    for cpus in ([cores[0]], cores[:2]):
+        target = tmp_path / f"{len(cpus)}.npy"
+        subprocess.run(["taskset", "-c", ",".join(map(str, cpus)), sys.executable, str(source), str(target)],
+                       check=True, cwd=repo, capture_output=True)
+        outputs.append(np.load(target))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
