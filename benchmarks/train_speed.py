@@ -202,7 +202,8 @@ def main() -> None:
     if not (DATA / "dog").is_dir():
         sys.exit(f"benchmark data not found: {DATA / 'dog'} (the repository's ../shared folder)")
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           # our compiled CPU kernels (gm.modules.native_norms, native_conv, native_attention) or MindSpore's
+                           # our compiled CPU kernels (gm.modules.native_norms, native_conv,
+                           # native_attention) or MindSpore's
                            "cpu_norm_kernels": os.environ.get("SDXL_MS_NATIVE_NORMS", "1") != "0",
                            "cpu_conv_kernels": os.environ.get("SDXL_MS_NATIVE_CONV", "1") != "0",
                            "cpu_attention_kernels": os.environ.get("SDXL_MS_NATIVE_ATTENTION", "1") != "0"},

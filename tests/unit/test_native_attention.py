@@ -14,7 +14,8 @@ from gm.modules import native_attention
 from gm.modules.attention import CrossAttention
 
 CASES = {
-    # (batch, tokens, context tokens or None for self-attention, query width, context width, heads, head width, weight scale)
+    # (batch, tokens, context tokens or None for self-attention, query width, context width, heads,
+    #  head width, weight scale)
     "self": (2, 64, None, 32, None, 2, 16, 0.3),
     "cross": (2, 64, 77, 32, 96, 2, 16, 0.3),
     "one_head_one_sample": (1, 16, 9, 8, 12, 1, 8, 0.3),
