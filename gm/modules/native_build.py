@@ -1,5 +1,5 @@
 """Building our C++ kernels for MindSpore ``aot`` custom ops on the CPU target, shared by
-``native_norms`` and ``native_conv``.
+``native_norms``, ``native_conv`` and ``native_attention``.
 
 A kernel source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``)
 into the user cache folder, keyed by the hash of the source, the flags and the libraries it links,
