@@ -8,6 +8,7 @@ MindSpore's ops with the same results."""
 import mindspore as ms
 import numpy as np
 import pytest
+from core_count import assert_same_bits_on_one_and_two_cores
 from mindspore import Tensor
 
 from gm.modules import native_attention
@@ -119,20 +120,8 @@ def test_switched_off_attention_keeps_mindspore_ops_with_the_same_results(monkey
 def test_results_do_not_depend_on_the_number_of_cores(tmp_path):
     """Each (sample, head) is computed whole by one thread: one core and two give the same bits
     (resume on a machine with another core count stays exact)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    script = (
-        f"import sys; sys.path.insert(0, {str(repo)!r})\n"
-        "import numpy as np, mindspore as ms\n"
-        "from mindspore import Tensor\n"
-        "ms.set_context(mode=ms.GRAPH_MODE, device_target='CPU')\n"
+    assert_same_bits_on_one_and_two_cores(tmp_path, (
         "from gm.modules.attention import CrossAttention\n"
-        "ms.set_seed(0)\n"
         "layer = CrossAttention(128, None, 4, 32)\n"
         "assert layer.native is not None\n"
         "x = Tensor(np.random.default_rng(0).standard_normal((2, 256, 128)).astype(np.float32))\n"
@@ -141,17 +130,4 @@ def test_results_do_not_depend_on_the_number_of_cores(tmp_path):
         "grad = ms.jit(ms.grad(loss, grad_position=0, weights=layer.trainable_params()))\n"
         "dx, dw = grad(x)\n"
         "parts = [layer(x), dx, *dw]\n"
-        "np.save(sys.argv[1], np.concatenate([p.asnumpy().ravel() for p in parts]))\n"
-    )
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2 or shutil.which("taskset") is None:
-        pytest.skip("needs two cores and taskset")
-    source = tmp_path / "attention_bits.py"  # MindSpore compiles graphs only from source files
-    source.write_text(script)
-    outputs = []
-    for cpus in ([cores[0]], cores[:2]):
-        target = tmp_path / f"{len(cpus)}.npy"
-        subprocess.run(["taskset", "-c", ",".join(map(str, cpus)), sys.executable, str(source), str(target)],
-                       check=True, cwd=repo, capture_output=True)
-        outputs.append(np.load(target))
-    np.testing.assert_array_equal(outputs[0], outputs[1])
+    ))

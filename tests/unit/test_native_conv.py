@@ -8,6 +8,7 @@ back to the im2col route."""
 import mindspore as ms
 import numpy as np
 import pytest
+from core_count import assert_same_bits_on_one_and_two_cores
 from mindspore import Tensor
 
 from gm.modules import layers, native_conv
@@ -179,20 +180,8 @@ def test_results_do_not_depend_on_the_number_of_cores(tmp_path):
     """oneDNN splits each convolution into a fixed number of parts whatever the core count: one
     core and two give the same bits for the output and the input and weight gradients (resume on a
     machine with another core count stays exact)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
-    script = (
-        f"import sys; sys.path.insert(0, {str(repo)!r})\n"
-        "import numpy as np, mindspore as ms\n"
-        "from mindspore import Tensor\n"
-        "ms.set_context(mode=ms.GRAPH_MODE, device_target='CPU')\n"
+    assert_same_bits_on_one_and_two_cores(tmp_path, (
         "from gm.modules import layers\n"
-        "ms.set_seed(0)\n"
         "conv = layers.Conv2d(64, 64, 3, padding=1)\n"
         "x = Tensor(np.random.default_rng(0).standard_normal((1, 64, 24, 24)).astype(np.float32))\n"
         "def loss(v):\n"
@@ -200,18 +189,4 @@ def test_results_do_not_depend_on_the_number_of_cores(tmp_path):
         "grad = ms.jit(ms.grad(loss, grad_position=0, weights=conv.trainable_params()))\n"
         "dx, (dw, db) = grad(x)\n"
         "parts = [conv(x), dx, dw, db]\n"
-        "np.save(sys.argv[1], np.concatenate([p.asnumpy().ravel() for p in parts]))\n"
-    )
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2 or shutil.which("taskset") is None:
-        pytest.skip("needs two cores and taskset")
-
-    source = tmp_path / "conv_bits.py"  # MindSpore compiles graphs only from source files
-    source.write_text(script)
-    outputs = []
-    for cpus in ([cores[0]], cores[:2]):
-        target = tmp_path / f"{len(cpus)}.npy"
-        subprocess.run(["taskset", "-c", ",".join(map(str, cpus)), sys.executable, str(source), str(target)],
-                       check=True, cwd=repo, capture_output=True)
-        outputs.append(np.load(target))
-    np.testing.assert_array_equal(outputs[0], outputs[1])
+    ))
