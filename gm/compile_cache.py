@@ -64,7 +64,7 @@ HOST_ONLY_KEYS = {
 def source_digest() -> str:
     """SHA-256 of every gm/ source file: code that computes a cached result (read once per process)."""
     digest = hashlib.sha256()
-    for path in sorted([*GM_ROOT.rglob("*.py"), *GM_ROOT.rglob("*.cc")]):
+    for path in sorted([*GM_ROOT.rglob("*.py"), *GM_ROOT.rglob("*.cc"), *GM_ROOT.rglob("*.h")]):
         digest.update(str(path.relative_to(GM_ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -21,6 +21,8 @@
 #include <thread>
 #include <vector>
 
+#include "native_math.h"
+
 extern "C" {
 // oneDNN 3.x C API (oneapi/dnnl/dnnl.h): row-major C = alpha * op(A) op(B) + beta * C
 int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
@@ -56,28 +58,6 @@ void ForUnits(int64_t units, double flops, size_t scratch, const Fn &fn) {
   for (auto &w : workers) w.join();
 }
 
-// exp(x) for x <= 0 (softmax arguments after subtracting the row maximum), written so the compiler
-// vectorises the loops that call it (std::exp is a scalar library call): x = n ln2 + r with
-// |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7 before rounding, about
-// one float ulp), 2^n by the exponent bits. Below -87 the result is 0 (float underflow).
-inline float ExpNonPositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  // round to nearest by adding and subtracting 1.5 * 2^23 (std::nearbyint does not vectorise)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts, exactly subtractable
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 // Sum of x[0..n) in double, as 8 interleaved partial sums added in a fixed order (vectorisable,
 // and the same bits on every machine and thread count).
 inline double Sum(const float *x, int64_t n) {
@@ -88,10 +68,6 @@ inline double Sum(const float *x, int64_t n) {
   for (int l = 0; j < n; j++, l++) part[l] += x[j];
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
-
-// The row loops are compiled for AVX-512, AVX2 and the baseline, picked by the CPU at load time
-// (the library is built without -march: the cache folder may be shared by several machines).
-#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // softmax of each of `rows` rows of `cols` values, in place
 VECTOR_CLONES void SoftmaxRows(float *p, int64_t rows, int64_t cols) {
@@ -113,6 +89,77 @@ VECTOR_CLONES void SoftmaxGradRows(const float *p, float *ds, int64_t rows, int6
     const float centre = static_cast<float>(Sum(work, cols));
     for (int64_t j = 0; j < cols; j++) row[j] = prow[j] * (row[j] - centre);
   }
+}
+
+// GELU (erf form, torch's default) pieces for the GEGLU kernels. Phi(x) = 0.5 erfc(-x / sqrt2); erfc
+// of z = |u| >= 0 is t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), with the Chebyshev-fitted degree-9 P of
+// Press et al., Numerical Recipes (erfcc: relative error < 1.2e-7 for every z); z^2 is split into
+// its rounded value and the rounding error (fma), so large |x| keeps its relative accuracy.
+struct GeluTerms {
+  float cdf;  // Phi(x)
+  float pdf;  // phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+};
+
+inline GeluTerms Gelu(float x) {
+  const float u = -x * 0.70710678118654752f;
+  const float z = std::fabs(u);
+  const float t = 1.0f / (1.0f + 0.5f * z);
+  float p = 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t - 1.26551223f;
+  const float square = z * z;
+  const float square_error = std::fma(z, z, -square);
+  const float gauss = ExpNonPositive(-square) * (1.0f - square_error);  // exp(-z^2) = exp(-x^2 / 2)
+  const float erfc_z = t * gauss * ExpNonPositive(p);
+  const float erfc_u = u >= 0.0f ? erfc_z : 2.0f - erfc_z;
+  return GeluTerms{0.5f * erfc_u, gauss * 0.39894228040143268f};
+}
+
+// h (rows, 2 n) = [a | b] -> out (rows, n) = a * gelu(b)
+VECTOR_CLONES void GegluRows(const float *h, float *out, int64_t rows, int64_t n) {
+  for (int64_t i = 0; i < rows; i++) {
+    const float *a = h + i * 2 * n, *b = a + n;
+    float *o = out + i * n;
+    for (int64_t j = 0; j < n; j++) o[j] = a[j] * (b[j] * Gelu(b[j]).cdf);
+  }
+}
+
+// dout (rows, n), h (rows, 2 n) -> dh (rows, 2 n): da = dout gelu(b), db = dout a gelu'(b),
+// gelu'(x) = Phi(x) + x phi(x)
+VECTOR_CLONES void GegluGradRows(const float *dout, const float *h, float *dh, int64_t rows, int64_t n) {
+  for (int64_t i = 0; i < rows; i++) {
+    const float *a = h + i * 2 * n, *b = a + n, *d = dout + i * n;
+    float *da = dh + i * 2 * n, *db = da + n;
+    for (int64_t j = 0; j < n; j++) {
+      const GeluTerms g = Gelu(b[j]);
+      da[j] = d[j] * (b[j] * g.cdf);
+      db[j] = d[j] * a[j] * (g.cdf + b[j] * g.pdf);
+    }
+  }
+}
+
+// Rows of `width` values of a tensor: all its dimensions but the last, and the last.
+int64_t Rows(int ndim, const int64_t *shape) {
+  int64_t rows = 1;
+  for (int i = 0; i + 1 < ndim; i++) rows *= shape[i];
+  return rows;
+}
+
+// Elementwise row work split into blocks of rows, each block computed by one thread.
+template <typename Fn>
+void ForRowBlocks(int64_t rows, double flops, const Fn &fn) {
+  constexpr int64_t kBlocks = 16;
+  const int64_t block = (rows + kBlocks - 1) / kBlocks;
+  ForUnits((rows + block - 1) / block, flops, 0, [&](int64_t u, float *) {
+    fn(u * block, std::min(rows, (u + 1) * block) - u * block);
+  });
 }
 
 // The geometry of one call: q (batch, lq, heads * d); k, v (batch, lk, heads * d); the
@@ -172,6 +219,29 @@ extern "C" int AttentionBackward(int, void **params, int *, int64_t **shapes, co
     // scores = scale q k^T: dq = scale ds k, dk = scale ds^T q
     dnnl_sgemm('N', 'N', g.lq, g.d, g.lk, g.scale, ds, g.lk, k + g.KOffset(u), g.width, 0.0f, dq + g.QOffset(u), g.width);
     dnnl_sgemm('T', 'N', g.lk, g.d, g.lq, g.scale, ds, g.lk, q + g.QOffset(u), g.width, 0.0f, dk + g.KOffset(u), g.width);
+  });
+  return 0;
+}
+
+// h (..., 2n) -> a * gelu(b) (..., n), [a | b] = h (GEGLU, Shazeer 2020: value and gate halves)
+extern "C" int GegluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t rows = Rows(ndims[0], shapes[0]), n = shapes[0][ndims[0] - 1] / 2;
+  const float *h = static_cast<const float *>(params[0]);
+  float *out = static_cast<float *>(params[1]);
+  ForRowBlocks(rows, 40.0 * rows * n, [&](int64_t first, int64_t count) {
+    GegluRows(h + first * 2 * n, out + first * n, count, n);
+  });
+  return 0;
+}
+
+// dout (..., n), h (..., 2n) -> dh (..., 2n)
+extern "C" int GegluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t rows = Rows(ndims[1], shapes[1]), n = shapes[1][ndims[1] - 1] / 2;
+  const float *dout = static_cast<const float *>(params[0]);
+  const float *h = static_cast<const float *>(params[1]);
+  float *dh = static_cast<float *>(params[2]);
+  ForRowBlocks(rows, 60.0 * rows * n, [&](int64_t first, int64_t count) {
+    GegluGradRows(dout + first * n, h + first * 2 * n, dh + first * 2 * n, count, n);
   });
   return 0;
 }

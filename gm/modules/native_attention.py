@@ -40,7 +40,7 @@ def _float32_only(name: str, outputs: int):
         if any(dtype.element_type() != ms.float32 for dtype in inputs):
             raise TypeError(f"{name} (gm.modules.native_attention) takes float32 inputs, got {inputs}; "
                             f"on the CPU target use fp32, or set {ENV_SWITCH}=0")
-        return (ms.float32,) * outputs
+        return ms.float32 if outputs == 1 else (ms.float32,) * outputs
     return dtypes
 
 
@@ -50,6 +50,7 @@ class AttentionKernels:
     def __init__(self, library: Path):
         self.library = str(library)
         self._forward = {}
+        self.geglu = self._make_geglu()
 
     def attention(self, heads: int):
         """``(q (B, Lq, heads*d), k (B, Lk, heads*d), v) -> (out (B, Lq, heads*d), probs (B, heads, Lq, Lk))``,
@@ -70,6 +71,19 @@ class AttentionKernels:
             self.library, "AttentionForward", f"AttentionForward/h{heads}",
             out_shape=lambda q, k, v: (q, [q[0], heads, q[1], k[1]]),
             out_dtype=_float32_only("AttentionForward", 2), bprop=bprop)
+
+
+    def _make_geglu(self):
+        """``h (..., 2n) -> a * gelu(b) (..., n)`` with ``[a, b]`` the halves of h (exact erf GELU)."""
+        backward = native_build.KernelOp(self.library, "GegluBackward", "GegluBackward",
+                                         out_shape=lambda dout, h: h, out_dtype=_float32_only("GegluBackward", 1))
+
+        def bprop(h, out, dout):
+            return (backward(dout, h),)
+
+        return native_build.KernelOp(self.library, "GegluForward", "GegluForward",
+                                     out_shape=lambda h: [*h[:-1], h[-1] // 2],
+                                     out_dtype=_float32_only("GegluForward", 1), bprop=bprop)
 
 
 @functools.cache

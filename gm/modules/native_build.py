@@ -2,7 +2,8 @@
 ``native_norms``, ``native_conv`` and ``native_attention``.
 
 A kernel source is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``)
-into the user cache folder, keyed by the hash of the source, the flags and the libraries it links,
+into the user cache folder, keyed by the hash of the source, the headers beside it
+(``native_math.h``), the flags and the libraries it links,
 and reused by every later process (compiling takes ~1-2 s).
 """
 
@@ -44,7 +45,9 @@ def build_library(source: Path, cache_root: Path = CACHE_ROOT, link: Sequence[st
     if cxx is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
     flags = [*COMPILE_FLAGS, *link]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    # the headers beside the source (native_math.h) are part of what is compiled
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:16]
     target = cache_root / digest / f"{source.stem}.so"
     if target.is_file():
         return target

@@ -13,6 +13,8 @@
 #include <thread>
 #include <vector>
 
+#include "native_math.h"
+
 namespace {
 
 int64_t Product(const int64_t *shape, int begin, int end) {
@@ -143,8 +145,32 @@ extern "C" int LayerNormBackward(int, void **params, int *ndims, int64_t **shape
   return 0;
 }
 
-// x (N, C, ...), weight (C), bias (C), eps (1) -> y (N, C, ...), mean (N, G), rstd (N, G)
-extern "C" int GroupNormForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+namespace {
+
+// y = x * scale + shift, or silu of it (x sigmoid(x)), over n values
+VECTOR_CLONES void AffineRow(const float *x, float *y, int64_t n, float scale, float shift, bool silu) {
+  if (silu) {
+    for (int64_t j = 0; j < n; j++) {
+      const float a = x[j] * scale + shift;
+      y[j] = a * Sigmoid(a);
+    }
+  } else {
+    for (int64_t j = 0; j < n; j++) y[j] = x[j] * scale + shift;
+  }
+}
+
+// g = dy * silu'(a), a = x * scale + shift recomputed: silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)
+VECTOR_CLONES void SiluGradRow(const float *dy, const float *x, float *g, int64_t n, float scale, float shift) {
+  for (int64_t j = 0; j < n; j++) {
+    const float a = x[j] * scale + shift;
+    const float s = Sigmoid(a);
+    g[j] = dy[j] * (s * (1.0f + a * (1.0f - s)));
+  }
+}
+
+// x (N, C, ...), weight (C), bias (C), eps (1) -> y (N, C, ...), mean (N, G), rstd (N, G); y the
+// normalised x, or silu of it (`silu`: one kernel for the norm -> SiLU pairs of the ResNet blocks)
+int GroupNormForwardImpl(void **params, int *ndims, int64_t **shapes, bool silu) {
   const ForwardArgs a(params);
   const float *x = a.x, *weight = a.weight, *bias = a.bias;
   const double eps = a.eps;
@@ -158,32 +184,58 @@ extern "C" int GroupNormForward(int, void **params, int *ndims, int64_t **shapes
       const float m = mean[k], s = rstd[k];
       for (int64_t c = g * per_group; c < (g + 1) * per_group; c++) {
         const float scale = s * weight[c], shift = bias[c] - m * scale;
-        const float *xc = x + (i * channels + c) * spatial;
-        float *yc = y + (i * channels + c) * spatial;
-        for (int64_t j = 0; j < spatial; j++) yc[j] = xc[j] * scale + shift;
+        AffineRow(x + (i * channels + c) * spatial, y + (i * channels + c) * spatial, spatial, scale, shift, silu);
       }
     }
   });
   return 0;
 }
 
-// dy, x (N, C, ...), mean, rstd (N, G), weight (C) -> dx (N, C, ...), dweight (C), dbias (C)
-extern "C" int GroupNormBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const BackwardArgs a(params);
-  const float *dy = a.dy, *x = a.x, *mean = a.mean, *rstd = a.rstd, *weight = a.weight;
-  float *dx = a.dx, *dweight = a.dweight, *dbias = a.dbias;
+}  // namespace
+
+extern "C" int GroupNormForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return GroupNormForwardImpl(params, ndims, shapes, false);
+}
+
+// the same, y = silu(GroupNorm(x))
+extern "C" int GroupNormSiluForward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return GroupNormForwardImpl(params, ndims, shapes, true);
+}
+
+namespace {
+
+// dy, x (N, C, ...), mean, rstd (N, G), weight (C)[, bias (C)] -> dx (N, C, ...), dweight (C),
+// dbias (C). `bias` given: the forward was silu(GroupNorm(x)), and dy is first taken through SiLU's
+// derivative at the recomputed norm output.
+int GroupNormBackwardImpl(void **params, int64_t **shapes, int *ndims, const float *bias, float *dx, float *dweight,
+                          float *dbias) {
+  const float *dy = static_cast<const float *>(params[0]), *x = static_cast<const float *>(params[1]);
+  const float *mean = static_cast<const float *>(params[2]), *rstd = static_cast<const float *>(params[3]);
+  const float *weight = static_cast<const float *>(params[4]);
   const int64_t n = shapes[0][0], channels = shapes[0][1], spatial = Product(shapes[0], 2, ndims[0]);
   const int64_t groups = shapes[2][1], per_group = channels / groups, count = per_group * spatial;
   // groups in parallel; within a group the samples in order, so dweight/dbias sum deterministically
   ParallelFor(groups, n * count, [=](int64_t begin, int64_t end) {
+    std::vector<float> through_silu(bias != nullptr ? count : 0);
     for (int64_t g = begin; g < end; g++) {
       for (int64_t c = g * per_group; c < (g + 1) * per_group; c++) dweight[c] = dbias[c] = 0.0f;
       for (int64_t i = 0; i < n; i++) {
         const int64_t k = i * groups + g;
         const float m = mean[k], s = rstd[k];
+        const int64_t first = (i * channels + g * per_group) * spatial;
+        // the gradient at the norm's output, channel c at grad + (c - g * per_group) * spatial
+        const float *grad = dy + first;
+        if (bias != nullptr) {
+          for (int64_t c = g * per_group; c < (g + 1) * per_group; c++) {
+            const float scale = s * weight[c], shift = bias[c] - m * scale;
+            const int64_t offset = (c - g * per_group) * spatial;
+            SiluGradRow(dy + first + offset, x + first + offset, through_silu.data() + offset, spatial, scale, shift);
+          }
+          grad = through_silu.data();
+        }
         double sum_g = 0, sum_gx = 0;
         for (int64_t c = g * per_group; c < (g + 1) * per_group; c++) {
-          const float *dyc = dy + (i * channels + c) * spatial, *xc = x + (i * channels + c) * spatial;
+          const float *dyc = grad + (c - g * per_group) * spatial, *xc = x + (i * channels + c) * spatial;
           double sum_dy = 0, sum_dyx = 0;
           for (int64_t j = 0; j < spatial; j++) {
             sum_dy += dyc[j];
@@ -197,7 +249,7 @@ extern "C" int GroupNormBackward(int, void **params, int *ndims, int64_t **shape
         // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over the group, g = dy * weight
         const float mean_g = static_cast<float>(sum_g / count), mean_gx = static_cast<float>(sum_gx / count);
         for (int64_t c = g * per_group; c < (g + 1) * per_group; c++) {
-          const float *dyc = dy + (i * channels + c) * spatial, *xc = x + (i * channels + c) * spatial;
+          const float *dyc = grad + (c - g * per_group) * spatial, *xc = x + (i * channels + c) * spatial;
           float *dxc = dx + (i * channels + c) * spatial;
           for (int64_t j = 0; j < spatial; j++)
             dxc[j] = s * (dyc[j] * weight[c] - mean_g - (xc[j] - m) * s * mean_gx);
@@ -206,4 +258,20 @@ extern "C" int GroupNormBackward(int, void **params, int *ndims, int64_t **shape
     }
   });
   return 0;
+}
+
+}  // namespace
+
+// dy, x (N, C, ...), mean, rstd (N, G), weight (C) -> dx (N, C, ...), dweight (C), dbias (C)
+extern "C" int GroupNormBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  return GroupNormBackwardImpl(params, shapes, ndims, nullptr, static_cast<float *>(params[5]),
+                               static_cast<float *>(params[6]), static_cast<float *>(params[7]));
+}
+
+// dy, x, mean, rstd, weight, bias -> dx, dweight, dbias of silu(GroupNorm(x))
+extern "C" int GroupNormSiluBackward(int, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                     void *) {
+  return GroupNormBackwardImpl(params, shapes, ndims, static_cast<const float *>(params[5]),
+                               static_cast<float *>(params[6]), static_cast<float *>(params[7]),
+                               static_cast<float *>(params[8]));
 }

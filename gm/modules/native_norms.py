@@ -53,23 +53,35 @@ class NormKernels:
         return native_build.KernelOp(self.library, name, name + variant, out_shape=shapes, out_dtype=dtypes,
                                      bprop=bprop)
 
-    def _differentiable(self, norm: str, forward_shapes, variant: str = ""):
+    def _differentiable(self, norm: str, forward_shapes, variant: str = "", backward_reads_bias: bool = False):
         """``<norm>Forward`` (x, weight, bias, eps -> y, mean, rstd) with ``<norm>Backward`` as its bprop;
-        ``variant`` tells apart forward ops of other output shapes."""
-        backward = self._op(f"{norm}Backward", lambda dy, x, m, r, w: (dy, w, w))
+        ``variant`` tells apart forward ops of other output shapes; ``backward_reads_bias``: the
+        backward takes the bias after the weight (to recompute the forward's output)."""
+        if backward_reads_bias:
+            backward = self._op(f"{norm}Backward", lambda dy, x, m, r, w, b: (dy, w, w), variant=variant)
 
-        def bprop(x, weight, bias, eps, out, dout):
-            dx, dweight, dbias = backward(dout[0], x, out[1], out[2], weight)
-            return dx, dweight, dbias, self.zeros_like(eps)
+            def bprop(x, weight, bias, eps, out, dout):
+                dx, dweight, dbias = backward(dout[0], x, out[1], out[2], weight, bias)
+                return dx, dweight, dbias, self.zeros_like(eps)
+        else:
+            backward = self._op(f"{norm}Backward", lambda dy, x, m, r, w: (dy, w, w))
+
+            def bprop(x, weight, bias, eps, out, dout):
+                dx, dweight, dbias = backward(dout[0], x, out[1], out[2], weight)
+                return dx, dweight, dbias, self.zeros_like(eps)
 
         return self._op(f"{norm}Forward", forward_shapes, bprop, variant)
 
-    def group_norm(self, groups: int):
-        """The forward op for ``groups`` groups (the statistics' shape (N, groups) is part of the op)."""
-        if groups not in self._group_norm:
-            self._group_norm[groups] = self._differentiable(
-                "GroupNorm", lambda x, w, b, e: (x, [x[0], groups], [x[0], groups]), variant=f"/g{groups}")
-        return self._group_norm[groups]
+    def group_norm(self, groups: int, silu: bool = False):
+        """The forward op for ``groups`` groups (the statistics' shape (N, groups) is part of the op);
+        ``silu``: the op returns silu(GroupNorm(x)) (one op for the ResNet blocks' norm -> SiLU)."""
+        key = (groups, silu)
+        if key not in self._group_norm:
+            norm = "GroupNormSilu" if silu else "GroupNorm"
+            self._group_norm[key] = self._differentiable(
+                norm, lambda x, w, b, e: (x, [x[0], groups], [x[0], groups]), variant=f"/g{groups}",
+                backward_reads_bias=silu)
+        return self._group_norm[key]
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """Our compiled CPU norm kernels (``gm.modules.native_norms``) behind ``layers.LayerNorm`` and
-``layers.GroupNorm``: outputs and all three gradients equal torch's, in graph mode and PyNative;
-the library is built once and reused; without a compiler the layers keep MindSpore's kernels."""
+``layers.GroupNorm`` (and ``GroupNorm.with_silu``, norm and SiLU in one op): outputs and all three
+gradients equal torch's, in graph mode and PyNative; the library is built once and reused; without
+a compiler the layers keep MindSpore's kernels."""
 
 import mindspore as ms
 import numpy as np
@@ -18,6 +19,8 @@ def _torch_norm(kind, x, weight, bias, dy, eps, groups=None):
         out = torch.nn.functional.layer_norm(tx, (x.shape[-1],), tw, tb, eps)
     else:
         out = torch.nn.functional.group_norm(tx, groups, tw, tb, eps)
+    if kind == "group_silu":
+        out = torch.nn.functional.silu(out)
     out.backward(torch.from_numpy(dy))
     return [out.detach().numpy(), tx.grad.numpy(), tw.grad.numpy(), tb.grad.numpy()]
 
@@ -37,6 +40,10 @@ CASES = {
     "group_unet": ("group", (2, 64, 8, 8), 1e-5, 32),
     "group_vae": ("group", (1, 96, 6, 10), 1e-6, 32),
     "group_3d": ("group", (3, 32, 20), 1e-5, 8),
+    # silu(GroupNorm(x)): the ResNet blocks' pairs, UNet and VAE; a size split across threads
+    "group_silu_unet": ("group_silu", (2, 64, 8, 8), 1e-5, 32),
+    "group_silu_vae": ("group_silu", (1, 96, 6, 10), 1e-6, 32),
+    "group_silu_large": ("group_silu", (2, 128, 32, 32), 1e-5, 32),
 }
 
 
@@ -51,9 +58,11 @@ def test_layer_output_and_gradients_match_torch(case, mode):
     assert norm.native is not None
     norm.weight.set_data(Tensor(weight))
     norm.bias.set_data(Tensor(bias))
+    forward = norm.with_silu if kind == "group_silu" else norm
+    assert kind != "group_silu" or norm.native_silu is not None
 
     def loss(inp):
-        return (norm(inp) * Tensor(dy)).sum()
+        return (forward(inp) * Tensor(dy)).sum()
 
     grad_fn = ms.value_and_grad(loss, grad_position=0, weights=[norm.weight, norm.bias])
     if mode == "graph":
@@ -61,7 +70,7 @@ def test_layer_output_and_gradients_match_torch(case, mode):
     else:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        out = norm(Tensor(x)).asnumpy()
+        out = (ms.jit(forward) if mode == "graph" else forward)(Tensor(x)).asnumpy()
         _, (dx, (dw, db)) = grad_fn(Tensor(x))
     finally:
         ms.set_context(mode=ms.GRAPH_MODE)

@@ -47,10 +47,11 @@ class Toy(nn.Cell):
 GROUPS = [dict(lr=0.1, weight_decay=0.1), dict(lr=0.02, weight_decay=0.0)]
 
 
-def _toy_step(k, loss_scale, max_grad_norm=0.5):
+def _toy_step(k, loss_scale, max_grad_norm=0.5, native=True):
     toy = Toy()
     groups = [dict(params=[p], **g) for p, g in zip((toy.w, toy.b), GROUPS)]
-    optimizer = build_optimizer(groups, betas=(0.9, 0.99), eps=1e-6)
+    optimizer = build_optimizer(groups, betas=(0.9, 0.99), eps=1e-6, native=native)
+    assert (optimizer.native is not None) == native  # our one-kernel update on the CPU target, or MindSpore's
     return toy, TrainStep(toy, optimizer, grad_accum_steps=k, max_grad_norm=max_grad_norm, loss_scale=loss_scale)
 
 
@@ -79,13 +80,15 @@ def _torch_reference(batches, k, schedule, max_grad_norm=0.5):
     return results
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["one_kernel", "per_parameter"])
 @pytest.mark.parametrize("k,loss_scale", [(2, LossScaleConfig()), (1, LossScaleConfig("static", init_scale=1024.0))])
-def test_toy_updates_match_torch_adamw(k, loss_scale):
+def test_toy_updates_match_torch_adamw(k, loss_scale, native):
     """Decoupled weight decay, bias correction, per-group and per-update learning rates, clipping,
-    the mean gradient over k micro-batches, and unscaling all agree with torch."""
+    the mean gradient over k micro-batches, and unscaling all agree with torch, with our one-kernel
+    AdamW (gm.modules.native_adamw) and with MindSpore's kernel per parameter."""
     schedule = LRSchedule("cosine", warmup_steps=1, total_steps=4)
     batches = _toy_batches(4 * k)
-    toy, step = _toy_step(k, loss_scale)
+    toy, step = _toy_step(k, loss_scale, native=native)
     expected = _torch_reference(batches, k, schedule)
     for update in range(4):
         lrs = step.learning_rates(schedule(update))

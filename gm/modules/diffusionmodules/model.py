@@ -100,8 +100,8 @@ class ResnetBlock(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         """(B, in, H, W) -> (B, out, H, W)."""
-        h = self.conv1(ops.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(ops.silu(self.norm2(h))))
+        h = self.conv1(self.norm1.with_silu(x))
+        h = self.conv2(self.dropout(self.norm2.with_silu(h)))
         return self.nin_shortcut(x) + h
 
 
@@ -285,7 +285,7 @@ class Encoder(nn.Cell):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(ops.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out.with_silu(h))
 
 
 class Decoder(nn.Cell):
@@ -350,7 +350,7 @@ class Decoder(nn.Cell):
             h = self.up[i](h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(ops.silu(self.norm_out(h)))
+        h = self.conv_out(self.norm_out.with_silu(h))
         if self.tanh_out:
             h = ops.tanh(h)
         return h

@@ -48,10 +48,11 @@ class ResBlock(PyNativeCompilable, nn.Cell):
 
     def construct(self, x: Tensor, emb: Tensor) -> Tensor:
         """x: (B, C, H, W); emb: (B, emb_channels) -> (B, out_channels, H, W)."""
-        h = self.in_layers(x)
+        # the norm -> SiLU pairs as one op each (GroupNorm.with_silu); the layers keep sgm's indices
+        h = self.in_layers[2](self.in_layers[0].with_silu(x))
         emb_out = self.emb_layers(emb)  # (B, out_channels)
         h = h + emb_out.reshape(emb_out.shape[0], -1, 1, 1)
-        h = self.out_layers(h)
+        h = self.out_layers[3](self.out_layers[2](self.out_layers[0].with_silu(h)))
         return self.skip_connection(x) + h
 
 
@@ -274,4 +275,4 @@ class UNetModel(nn.Cell):
         for block in self.output_blocks:
             index = index - 1
             h = block(ops.concat([h, skips[index]], axis=1), emb, context)
-        return self.out(h)
+        return self.out[2](self.out[0].with_silu(h))
