@@ -165,7 +165,7 @@ class GroupNorm(nn.Cell):
         gradient are ~6 more launched kernels."""
         if self.native_silu is not None:
             return self.native_silu(x, self.weight, self.bias, self.eps_input)[0]
-        return ops.silu(self(x))
+        return ops.silu(self.construct(x))  # graph mode cannot call the cell itself from its method
 
 
 class LayerNorm(nn.Cell):

@@ -103,6 +103,10 @@ def test_without_a_compiler_the_layers_keep_mindspores_norms(monkeypatch, tmp_pa
         x = np.random.default_rng(0).standard_normal((2, 8, 3, 3)).astype(np.float32)
         expected = _torch_norm("group", x, np.ones(8, np.float32), np.zeros(8, np.float32), x, 1e-5, 4)[0]
         np.testing.assert_allclose(norm(Tensor(x)).asnumpy(), expected, atol=1e-5)
+        # the ResNet blocks' norm -> SiLU, in a graph as they call it
+        assert norm.native_silu is None
+        silu = ms.jit(norm.with_silu)(Tensor(x)).asnumpy()
+        np.testing.assert_allclose(silu, expected / (1 + np.exp(-expected)), atol=1e-5)
     finally:
         native_norms.kernels.cache_clear()
 
