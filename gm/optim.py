@@ -122,12 +122,13 @@ class FusedAdamW(nn.Cell):
     ~15 elementwise ops per parameter made the LoRA train step (272 parameters) take 3x longer to
     compile and hold 2.4 GB more memory (measured, tiny config, CPU).
 
-    ``construct(grads, unscale, clip, flat)`` updates every parameter with ``grads * unscale *
-    clip``; ``flat`` must be the same gradients concatenated in parameter order, times ``unscale``
-    (the train step builds it for the global norm; ``unscale`` removes loss scaling and averages
-    accumulated micro-batches). On the CPU target, when every parameter is float32, one compiled
-    kernel updates them all from ``flat`` (``gm.modules.native_adamw``: torch's arithmetic, ~550
-    fewer launched kernels per step for the tiny LoRA); elsewhere one AdamWeightDecay per parameter.
+    ``construct(grads, grad_scale)`` updates every parameter with ``grads * grad_scale`` (the
+    train step folds loss-scale removal, accumulation averaging and clipping into that one scalar),
+    one AdamWeightDecay per parameter. On the CPU target, when every parameter is float32,
+    ``native`` is our compiled kernel and the train step calls ``update_flat`` instead: one kernel
+    for all parameters (``gm.modules.native_adamw``: torch's arithmetic, ~550 fewer launched
+    kernels per step for the tiny LoRA), reading the concatenated gradient vector the step builds
+    for the global norm.
     State: ``exp_avg``, ``exp_avg_sq`` (one per parameter), ``state_step`` (updates done, int32),
     ``lrs`` (one per group).
     """
@@ -159,14 +160,9 @@ class FusedAdamW(nn.Cell):
             self.native_group = Tensor(np.repeat(np.arange(len(groups), dtype=np.int32),
                                                  [len(g["params"]) for g in groups]))
 
-    def construct(self, grads, unscale, clip, flat):
+    def construct(self, grads, grad_scale):
         step = self.state_step + 1
         ops.assign(self.state_step, step)
-        if self.native is not None:
-            hyper = ops.concat((clip.reshape(1).astype(ms.float32), ops.stack(tuple(self.lrs))))
-            return self.native(flat, hyper, step, self.native_config, self.native_group,
-                               *self.parameters, *self.exp_avg, *self.exp_avg_sq)
-        grad_scale = unscale * clip
         t = step.astype(ms.float32)
         correction1 = 1.0 - ops.pow(self.beta1, t)
         sqrt_correction2 = ops.sqrt(1.0 - ops.pow(self.beta2, t))
@@ -180,6 +176,15 @@ class FusedAdamW(nn.Cell):
                 ops.partial(_adamw, self.kernel, self.beta1, self.beta2, grad_scale, lr, eps, decay),
                 self.parameters[start:end], self.exp_avg[start:end], self.exp_avg_sq[start:end], grads[start:end])
         return updated
+
+    def update_flat(self, update: Tensor, clip: Tensor, lrs: Tensor, flat: Tensor) -> Tensor:
+        """Our one-kernel update (``self.native``, CPU target) from ``flat`` (the gradients
+        concatenated in parameter order, unscaled) times ``clip``, with the per-group learning
+        rates ``lrs``, when the bool ``update`` is true, and nothing otherwise: no branch in the
+        graph. Returns a dependency token."""
+        hyper = ops.concat((update.astype(ms.float32).reshape(1), clip.astype(ms.float32).reshape(1), lrs))
+        return self.native(flat, hyper, self.state_step, self.native_config, self.native_group,
+                           *self.parameters, *self.exp_avg, *self.exp_avg_sq)
 
 
 def _native_update(params: Sequence[Parameter]):

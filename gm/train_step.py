@@ -229,22 +229,26 @@ class TrainStep(nn.Cell):
         finite = ops.isfinite(grad_norm)
         at_update = ops.logical_and(is_last, ops.logical_not(measuring))
         updated = ops.logical_and(at_update, finite)
-        if updated:
-            loss = ops.depend(loss, self._update(lrs, grads, unscale, grad_norm, flat))
+        if self.optimizer.native is not None:
+            # our one-kernel AdamW (CPU target) updates only when `updated` says so: no branch
+            loss = ops.depend(loss, self.optimizer.update_flat(updated, self._clip_factor(grad_norm), lrs, flat))
+        elif updated:
+            loss = ops.depend(loss, self._update(lrs, grads, unscale, grad_norm))
         if self.dynamic_scale:
             self._adjust_loss_scale(at_update, finite)
         return loss, loss_instance, loss_class, grad_norm, ops.logical_and(at_update, ops.logical_not(finite)), updated
 
-    def _update(self, lrs: Tensor, grads: Tuple[Tensor, ...], unscale: Tensor, grad_norm: Tensor, flat: Tensor):
-        """One optimizer update with ``grads * unscale`` (``flat``: concatenated, unscaled), clipped:
-        one scalar factor for all parameters."""
-        clip = self.one
+    def _clip_factor(self, grad_norm: Tensor) -> Tensor:
+        """torch.nn.utils.clip_grad_norm_'s factor: max_norm / (norm + 1e-6), clamped to 1 (1 without clipping)."""
         if self.clip:
-            # torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1
-            clip = ops.minimum(self.max_grad_norm / (grad_norm + 1e-6), 1.0)
+            return ops.minimum(self.max_grad_norm / (grad_norm + 1e-6), 1.0)
+        return self.one
+
+    def _update(self, lrs: Tensor, grads: Tuple[Tensor, ...], unscale: Tensor, grad_norm: Tensor):
+        """One optimizer update with ``grads * unscale``, clipped: one scalar factor for all parameters."""
         for i in range(len(self.base_lrs)):
             ops.assign(self.optimizer.lrs[i], lrs[i])
-        return self.optimizer(grads, unscale, clip, flat)
+        return self.optimizer(grads, unscale * self._clip_factor(grad_norm))
 
     def _adjust_loss_scale(self, is_last: Tensor, finite: Tensor) -> None:
         """torch GradScaler.update at each update call: back off on overflow, grow after a clean run."""

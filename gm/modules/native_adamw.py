@@ -3,8 +3,9 @@
 MindSpore's ``AdamWeightDecay`` is one kernel per parameter, and scaling each gradient first is
 another: for the 272 LoRA tensors of the tiny SDXL that is ~550 launched kernels per training step,
 each ~10-15 us of launch time on the CPU target whatever its size. This op takes the concatenated
-gradient vector the train step already builds for the global norm, and updates every parameter and
-both moments in place with torch's AdamW arithmetic.
+gradient vector the train step already builds for the global norm, and updates every parameter,
+both moments and the update count in place with torch's AdamW arithmetic, or nothing when its flag
+says so (so the train step needs no branch around it).
 
 Built on first use like ``native_norms`` (``gm.modules.native_build``). Without a compiler, with
 ``SDXL_MS_NATIVE_ADAMW=0``, on Ascend and GPU, or with a parameter that is not float32, the

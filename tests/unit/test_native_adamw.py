@@ -1,8 +1,9 @@
-"""Our one-kernel AdamW (``gm.modules.native_adamw``) behind ``gm.optim.FusedAdamW`` on the CPU
-target: parameters of many shapes in two groups (one large enough to be split across threads),
-several updates with a clip factor and a changing learning rate, against ``torch.optim.AdamW``;
-the update is in place, every parameter and moment is written, and the bits do not depend on the
-core count. The train step's use of it is checked against torch in test_train_step.py."""
+"""Our one-kernel AdamW (``gm.modules.native_adamw``) behind ``gm.optim.FusedAdamW`` on the CPU target:
+parameters of many shapes in two groups (one large enough to be split across threads), several
+updates with a clip factor and a changing learning rate, against ``torch.optim.AdamW``; the update
+is in place, every parameter and moment is written, a call told not to update changes nothing (not
+even the update count), and the bits do not depend on the core count. The train step's use of it is
+checked against torch in test_train_step.py."""
 
 import mindspore as ms
 import numpy as np
@@ -30,11 +31,10 @@ class _Update(nn.Cell):
     def __init__(self, optimizer):
         super().__init__()
         self.optimizer = optimizer
-        self.one = Tensor(1.0, ms.float32)
 
-    def construct(self, grads, clip):
+    def construct(self, update, grads, clip, lrs):
         flat = ops.concat([g.reshape(-1) for g in grads])
-        return self.optimizer(grads, self.one, clip, flat)
+        return self.optimizer.update_flat(update, clip, lrs, flat)
 
 
 def _values(seed):
@@ -53,12 +53,19 @@ def test_updates_match_torch_adamw():
     theirs = [torch.tensor(v.copy(), requires_grad=True) for v in initial]
     reference = torch.optim.AdamW([dict(params=theirs[:SPLIT], **GROUPS[0]), dict(params=theirs[SPLIT:], **GROUPS[1])],
                                   betas=BETAS, eps=EPS)
+    yes, no = Tensor(True), Tensor(False)
     for t, (clip, lr_factor) in enumerate([(1.0, 1.0), (0.3, 0.5), (0.8, 2.0), (1.0, 0.1)]):
-        grads = _values(t + 1)
+        grads = tuple(Tensor(g) for g in _values(t + 1))
+        lrs = Tensor(np.array([g["lr"] * lr_factor for g in GROUPS], np.float32))
+        # told not to update (accumulating, a skipped overflow, a measurement): nothing changes
+        before = [p.asnumpy().copy() for p in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
+        update(no, grads, Tensor(clip, ms.float32), lrs)
+        after = [p.asnumpy() for p in (*params, *optimizer.exp_avg, *optimizer.exp_avg_sq)]
+        assert all(np.array_equal(a, b) for a, b in zip(before, after)) and int(optimizer.state_step.asnumpy()) == t
         for i in range(len(GROUPS)):
-            ops.assign(optimizer.lrs[i], Tensor(GROUPS[i]["lr"] * lr_factor, ms.float32))
             reference.param_groups[i]["lr"] = GROUPS[i]["lr"] * lr_factor
-        update(tuple(Tensor(g) for g in grads), Tensor(clip, ms.float32))
+        update(yes, grads, Tensor(clip, ms.float32), lrs)
+        grads = [g.asnumpy() for g in grads]
         for p, g in zip(theirs, grads):
             p.grad = torch.from_numpy(g * np.float32(clip))
         reference.step()
@@ -91,7 +98,9 @@ def test_same_bits_on_one_and_two_cores(tmp_path):
         "        self.opt = opt\n"
         "    def construct(self, grads):\n"
         "        one = ops.ones((), ms.float32)\n"
-        "        return self.opt(grads, one, one, ops.concat([g.reshape(-1) for g in grads]))\n"
+        "        lrs = ops.ones((1,), ms.float32) * 1e-3\n"
+        "        flat = ops.concat([g.reshape(-1) for g in grads])\n"
+        "        return self.opt.update_flat(ops.ones((), ms.bool_), one, lrs, flat)\n"
         "update = Update()\n"
         "for _ in range(3):\n"
         "    update(tuple(Tensor(rng.standard_normal(s).astype(np.float32)) for s in shapes))\n"
