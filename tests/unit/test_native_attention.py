@@ -43,10 +43,9 @@ def _layer(case):
     return layer, x, context, dy
 
 
-def _ours(layer, x, context, dy, mode):
-    """Output, then the gradients of sum(layer(x, context) * dy): x[, context], then each weight."""
+def _run(layer, inputs, dy, mode):
+    """Output, then the gradients of sum(layer(*inputs) * dy): each input, then each weight."""
     weights = layer.trainable_params()
-    inputs = (Tensor(x),) if context is None else (Tensor(x), Tensor(context))
 
     def loss(*args):
         return (layer(*args) * Tensor(dy)).sum()
@@ -63,6 +62,12 @@ def _ours(layer, x, context, dy, mode):
         ms.set_context(mode=ms.GRAPH_MODE)
     input_grads = input_grads if isinstance(input_grads, tuple) else (input_grads,)
     return out, [g.asnumpy() for g in (*input_grads, *weight_grads)], [p.name for p in weights]
+
+
+def _ours(layer, x, context, dy, mode):
+    """Output, then the gradients of sum(layer(x, context) * dy): x[, context], then each weight."""
+    inputs = (Tensor(x),) if context is None else (Tensor(x), Tensor(context))
+    return _run(layer, inputs, dy, mode)
 
 
 def _torch(layer, x, context, dy, heads, names):
@@ -160,19 +165,7 @@ def test_geglu_output_and_gradients_match_torch(case, mode):
     x = rng.standard_normal(shape).astype(np.float32)
     dy = rng.standard_normal((*shape[:-1], hidden)).astype(np.float32)
 
-    def loss(v):
-        return (layer(v) * Tensor(dy)).sum()
-
-    grad_fn = ms.grad(loss, grad_position=0, weights=layer.trainable_params())
-    if mode == "graph":
-        grad_fn = ms.jit(grad_fn)
-    else:
-        ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
-        out = layer(Tensor(x)).asnumpy()
-        dx, (dweight, dbias) = grad_fn(Tensor(x))
-    finally:
-        ms.set_context(mode=ms.GRAPH_MODE)
+    out, (dx, dweight, dbias), _ = _run(layer, (Tensor(x),), dy, mode)
 
     weight = torch.from_numpy(layer.proj.weight.asnumpy()).requires_grad_(True)
     bias = torch.from_numpy(layer.proj.bias.asnumpy()).requires_grad_(True)
@@ -180,8 +173,8 @@ def test_geglu_output_and_gradients_match_torch(case, mode):
     value, gate = torch.nn.functional.linear(tx, weight, bias).chunk(2, -1)
     expected = value * torch.nn.functional.gelu(gate)
     expected.backward(torch.from_numpy(dy))
-    for label, a, b in [("output", out, expected), ("dx", dx.asnumpy(), tx.grad),
-                        ("dweight", dweight.asnumpy(), weight.grad), ("dbias", dbias.asnumpy(), bias.grad)]:
+    for label, a, b in [("output", out, expected), ("dx", dx, tx.grad), ("dweight", dweight, weight.grad),
+                        ("dbias", dbias, bias.grad)]:
         b = b.detach().numpy()
         scale, diff = float(np.abs(b).max()), float(np.abs(a - b).max())
         assert diff <= 1e-5 * scale, f"{case} {label}: max diff {diff:.3g} against max |torch| {scale:.3g}"
