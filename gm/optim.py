@@ -6,9 +6,9 @@
   ``torch.optim.AdamW`` in tests/unit/test_train_step.py): bias-corrected moments and *decoupled*
   weight decay ``param *= 1 - lr * weight_decay`` (Loshchilov & Hutter, arXiv 1711.05101), one
   fused in-place kernel per parameter (on the CPU target, float32: one kernel of our own for all of
-  them, ``gm.modules.native_adamw``). Its per-group learning rates are Parameters
-  (``optimizer.lrs``) that the train step overwrites from an input, so the schedule runs on the
-  host and changing it never recompiles.
+  them, ``gm.modules.native_adamw``). Its per-group learning rates come from an input of the train
+  step (written into the Parameters ``optimizer.lrs`` for the per-parameter kernels, handed to our
+  kernel directly), so the schedule runs on the host and changing it never recompiles.
 - ``LRSchedule``: the multiplier of each group's base learning rate after ``step`` optimizer
   updates, the same values as diffusers' ``get_scheduler`` (a ``LambdaLR`` stepped once per update).
 """
