@@ -73,9 +73,13 @@ class CrossAttention(nn.Cell):
         self.to_k = Linear(context_dim, inner, bias=False)
         self.to_v = Linear(context_dim, inner, bias=False)
         self.to_out = nn.SequentialCell([Linear(inner, query_dim), dropout_cell(dropout)])
+        # the layers are called one by one, the dropout slot only when it drops: MindSpore's front
+        # end spends ~0.2 MB of compile memory per SequentialCell call (its loop) and per Identity
+        self.out_dropout = dropout > 0
         kernels = native_attention.kernels() if on_cpu_target() else None
         # our compiled kernel on the CPU target (float32); MindSpore's ops elsewhere
         self.native = kernels.attention(heads) if kernels is not None else None
+        self.head_count = native_attention.head_count(heads)
 
     def construct(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         """x: (B, Lq, query_dim); context: (B, Lk, context_dim) or None -> (B, Lq, query_dim)."""
@@ -92,11 +96,16 @@ class CrossAttention(nn.Cell):
         q, k, v = self.to_q(tokens), self.to_k(source), self.to_v(source)
         if self.native is not None and q.dtype == ms.float32:
             width = q.shape[-1]
-            out = self.native(q.reshape(batch, -1, width), k.reshape(batch, -1, width), v.reshape(batch, -1, width))[0]
-            return self.to_out(out.reshape(-1, width))
-        out = scaled_dot_product_attention(split_heads(q, self.heads, batch), split_heads(k, self.heads, batch),
-                                           split_heads(v, self.heads, batch))
-        return self.to_out(merge_heads(out, tokens=True))
+            out = self.native(q.reshape(batch, -1, width), k.reshape(batch, -1, width), v.reshape(batch, -1, width),
+                              self.head_count).reshape(-1, width)
+        else:
+            out = merge_heads(scaled_dot_product_attention(split_heads(q, self.heads, batch),
+                                                           split_heads(k, self.heads, batch),
+                                                           split_heads(v, self.heads, batch)), tokens=True)
+        out = self.to_out[0](out)
+        if self.out_dropout:
+            out = self.to_out[1](out)
+        return out
 
 
 class GEGLU(nn.Cell):
@@ -126,10 +135,14 @@ class FeedForward(nn.Cell):
         super().__init__()
         inner = dim * mult
         self.net = nn.SequentialCell([GEGLU(dim, inner), dropout_cell(dropout), Linear(inner, dim)])
+        self.dropout = dropout > 0  # the slot called only when it drops (see CrossAttention)
 
     def construct(self, x: Tensor) -> Tensor:
         """(..., dim) -> (..., dim)."""
-        return self.net(x)
+        hidden = self.net[0](x)
+        if self.dropout:
+            hidden = self.net[1](hidden)
+        return self.net[2](hidden)
 
 
 class BasicTransformerBlock(PyNativeCompilable, nn.Cell):

@@ -153,18 +153,18 @@ class GroupNorm(nn.Cell):
         kernels = _native_norms()
         self.native = kernels.group_norm(num_groups) if kernels is not None else None
         self.native_silu = kernels.group_norm(num_groups, silu=True) if kernels is not None else None
-        self.eps_input = native_norms.eps_tensor(eps)
+        self.norm_params = native_norms.group_norm_params(eps, num_groups)
 
     def construct(self, x):
         if self.native is not None:  # float32 only: checked when the graph is built (native_norms)
-            return self.native(x, self.weight, self.bias, self.eps_input)[0]
+            return self.native(x, self.weight, self.bias, self.norm_params)
         return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
     def with_silu(self, x):
         """``silu(self(x))``: on the CPU target one compiled op, where MindSpore's SiLU and its
         gradient are ~6 more launched kernels."""
         if self.native_silu is not None:
-            return self.native_silu(x, self.weight, self.bias, self.eps_input)[0]
+            return self.native_silu(x, self.weight, self.bias, self.norm_params)
         return ops.silu(self.construct(x))  # graph mode cannot call the cell itself from its method
 
 
@@ -179,11 +179,11 @@ class LayerNorm(nn.Cell):
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
         kernels = _native_norms()
         self.native = kernels.layer_norm if kernels is not None else None
-        self.eps_input = native_norms.eps_tensor(eps)
+        self.norm_params = native_norms.layer_norm_params(eps)
 
     def construct(self, x):
         if self.native is not None:  # float32 only: checked when the graph is built (native_norms)
-            return self.native(x, self.weight, self.bias, self.eps_input)[0]
+            return self.native(x, self.weight, self.bias, self.norm_params)
         return self.norm(x, self.weight, self.bias)[0]
 
 

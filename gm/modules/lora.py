@@ -57,11 +57,6 @@ UNET_TARGET_GROUPS: Dict[str, Tuple[str, ...]] = {
     "proj": ("*.proj_in", "*.proj_out"),
 }
 PACKED_SLICES = ("q", "k", "v")
-# LoRALinear folds its update into the weight when tokens * in * out is at most this: there the
-# launch cost of the kernels saved (~10-15 us each on the CPU target) exceeds the weight-gradient
-# product it adds (all the tiny SDXL's layers, none of the medium's at 256x256)
-MERGED_FORM_MAX_MACS = 1 << 20
-_MATMUL = ops.MatMul()
 _CONFIG_ATTR, _MERGED_ATTR = "_lora_config", "_lora_merged"
 
 
@@ -164,8 +159,6 @@ class LoRABranch(nn.Cell):
         self.lora_cast = input_dtype is not None and input_dtype != dtype
         self.lora_dtype = dtype
         self.lora_scaled = self.scale != 1.0
-        # the update can be folded into the weight in the graph: no dropout between, one dtype
-        self.lora_mergeable = dropout == 0.0 and not self.lora_cast
 
     def lora_delta(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out) in x's dtype."""
@@ -181,11 +174,6 @@ class LoRABranch(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         return self.lora_delta(x)
-
-    def lora_weight_delta(self) -> Tensor:
-        """``scale * up @ down`` (out, in) in the graph (no dropout, no cast: ``lora_mergeable``)."""
-        delta = _MATMUL(self.lora_up.weight, self.lora_down.weight)
-        return delta * self.scale if self.lora_scaled else delta
 
     def delta_weight(self) -> np.ndarray:
         """``scale * up @ down`` (out, in) as float32 numpy, the update merged into the base weight."""
@@ -209,11 +197,9 @@ class LoRALinear(LoRABranch):
 
     def construct(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out)."""
-        if self.lora_mergeable and _tokens(x.shape) * self.in_features * self.out_features <= MERGED_FORM_MAX_MACS:
-            # a small layer: W + scale up down, then one product. 7 launched kernels with the
-            # backward instead of 10, which is most of what such a layer costs; the product's weight
-            # gradient (tokens * in * out multiply-adds) is what the bound keeps cheap
-            return linear(x, self.weight + self.lora_weight_delta(), self.bias)
+        # not as x (W + s U D)^T, one product fewer (tried, 12th session: ~3% off the tiny step):
+        # its graph costs MindSpore's front end ~0.25 MB more compile memory per layer (-34 MB for
+        # the tiny train step's 136 layers this way, where memory is the tighter bound)
         return linear(x, self.weight, self.bias) + self.lora_delta(x)
 
 
@@ -280,14 +266,6 @@ class LoRATarget:
             shapes[f"{prefix}.{LORA_DOWN}.weight"] = (rank, self.in_features)
             shapes[f"{prefix}.{LORA_UP}.weight"] = (self.out_features, rank)
         return shapes
-
-
-def _tokens(shape: Tuple[int, ...]) -> int:
-    """Rows of a (..., in) input: the product of its leading dimensions (a graph constant)."""
-    rows = 1
-    for size in shape[:-1]:
-        rows *= size
-    return rows
 
 
 def plan_lora(root: nn.Cell, config: LoRAConfig, *, injected_ok: bool = False,

@@ -162,60 +162,65 @@ void ForRowBlocks(int64_t rows, double flops, const Fn &fn) {
   });
 }
 
-// The geometry of one call: q (batch, lq, heads * d); k, v (batch, lk, heads * d); the
-// probabilities (batch, heads, lq, lk) tell the head count.
+// The geometry of one call: q (batch, lq, heads * d); k, v (batch, lk, heads * d); the head count
+// comes in as a one-value float tensor.
 struct Geometry {
   int64_t batch, heads, d, lq, lk, width;
   float scale;
-  Geometry(const int64_t *q, const int64_t *k, const int64_t *probs)
-      : batch(q[0]), heads(probs[1]), d(q[2] / probs[1]), lq(q[1]), lk(k[1]), width(q[2]),
-        scale(1.0f / std::sqrt(static_cast<float>(q[2] / probs[1]))) {}
+  Geometry(const int64_t *q, const int64_t *k, const void *head_count)
+      : batch(q[0]), heads(static_cast<int64_t>(static_cast<const float *>(head_count)[0])), d(q[2] / heads),
+        lq(q[1]), lk(k[1]), width(q[2]), scale(1.0f / std::sqrt(static_cast<float>(d))) {}
   int64_t Units() const { return batch * heads; }
-  // offsets of unit u's first element in the token tensors and in the (batch, heads, lq, lk) probabilities
+  // offsets of unit u's first element in the token tensors
   int64_t QOffset(int64_t u) const { return (u / heads) * lq * width + (u % heads) * d; }
   int64_t KOffset(int64_t u) const { return (u / heads) * lk * width + (u % heads) * d; }
-  int64_t POffset(int64_t u) const { return u * lq * lk; }
   double Flops() const { return 4.0 * batch * heads * lq * lk * d; }
+  // p (lq, lk) = softmax(scale q k^T) of unit u
+  void Probabilities(int64_t u, const float *q, const float *k, float *p) const {
+    dnnl_sgemm('N', 'T', lq, lk, d, scale, q + QOffset(u), width, k + KOffset(u), width, 0.0f, p, lk);
+    SoftmaxRows(p, lq, lk);
+  }
 };
 
 }  // namespace
 
-// q (B, Lq, H*d), k (B, Lk, H*d), v (B, Lk, H*d)
-//   -> out (B, Lq, H*d), probs (B, H, Lq, Lk): softmax(q k^T / sqrt(d)) v per sample and head
+// q (B, Lq, H*d), k (B, Lk, H*d), v (B, Lk, H*d), (H) -> out (B, Lq, H*d): softmax(q k^T / sqrt(d)) v
+// per sample and head. One output: MindSpore's front end spends ~3 MB of compile memory on each
+// call site of a several-output custom op (~100 MB in the tiny SDXL train step), so the backward
+// recomputes the probabilities (one more q k^T product) instead of reading them back; nothing of
+// size Lq * Lk is held between the passes either.
 extern "C" int AttentionForward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  const Geometry g(shapes[0], shapes[1], shapes[4]);
+  const Geometry g(shapes[0], shapes[1], params[3]);
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]);
-  float *out = static_cast<float *>(params[3]);
-  float *probs = static_cast<float *>(params[4]);
-  ForUnits(g.Units(), g.Flops(), 0, [&](int64_t u, float *) {
-    float *p = probs + g.POffset(u);
-    dnnl_sgemm('N', 'T', g.lq, g.lk, g.d, g.scale, q + g.QOffset(u), g.width, k + g.KOffset(u), g.width, 0.0f, p, g.lk);
-    SoftmaxRows(p, g.lq, g.lk);
+  float *out = static_cast<float *>(params[4]);
+  ForUnits(g.Units(), g.Flops(), static_cast<size_t>(g.lq * g.lk), [&](int64_t u, float *p) {
+    g.Probabilities(u, q, k, p);
     dnnl_sgemm('N', 'N', g.lq, g.d, g.lk, 1.0f, p, g.lk, v + g.KOffset(u), g.width, 0.0f, out + g.QOffset(u), g.width);
   });
   return 0;
 }
 
-// dout (B, Lq, H*d), q, k, v, probs (B, H, Lq, Lk) -> dq, dk, dv
+// dout (B, Lq, H*d), q, k, v, (H) -> dq, dk, dv
 extern "C" int AttentionBackward(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  const Geometry g(shapes[1], shapes[2], shapes[4]);
+  const Geometry g(shapes[1], shapes[2], params[4]);
   const float *dout = static_cast<const float *>(params[0]);
   const float *q = static_cast<const float *>(params[1]);
   const float *k = static_cast<const float *>(params[2]);
   const float *v = static_cast<const float *>(params[3]);
-  const float *probs = static_cast<const float *>(params[4]);
   float *dq = static_cast<float *>(params[5]);
   float *dk = static_cast<float *>(params[6]);
   float *dv = static_cast<float *>(params[7]);
-  ForUnits(g.Units(), 2.0 * g.Flops(), static_cast<size_t>((g.lq + 1) * g.lk), [&](int64_t u, float *ds) {
-    const float *p = probs + g.POffset(u);
+  const int64_t area = g.lq * g.lk;
+  ForUnits(g.Units(), 2.5 * g.Flops(), static_cast<size_t>(2 * area + g.lk), [&](int64_t u, float *p) {
+    float *ds = p + area;
+    g.Probabilities(u, q, k, p);  // as the forward computed them
     const float *dout_u = dout + g.QOffset(u);
     // dv = p^T dout; dp = dout v^T (into ds)
     dnnl_sgemm('T', 'N', g.lk, g.d, g.lq, 1.0f, p, g.lk, dout_u, g.width, 0.0f, dv + g.KOffset(u), g.width);
     dnnl_sgemm('N', 'T', g.lq, g.lk, g.d, 1.0f, dout_u, g.width, v + g.KOffset(u), g.width, 0.0f, ds, g.lk);
-    SoftmaxGradRows(p, ds, g.lq, g.lk, ds + g.lq * g.lk);
+    SoftmaxGradRows(p, ds, g.lq, g.lk, ds + area);
     // scores = scale q k^T: dq = scale ds k, dk = scale ds^T q
     dnnl_sgemm('N', 'N', g.lq, g.d, g.lk, g.scale, ds, g.lk, k + g.KOffset(u), g.width, 0.0f, dq + g.QOffset(u), g.width);
     dnnl_sgemm('T', 'N', g.lk, g.d, g.lq, g.scale, ds, g.lk, q + g.QOffset(u), g.width, 0.0f, dk + g.KOffset(u), g.width);

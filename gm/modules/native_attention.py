@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import mindspore as ms
+from mindspore import Tensor, ops
 
 from gm.modules import native_build
 from gm.modules.native_build import CACHE_ROOT
@@ -53,25 +54,26 @@ class AttentionKernels:
         self.geglu = self._make_geglu()
 
     def attention(self, heads: int):
-        """``(q (B, Lq, heads*d), k (B, Lk, heads*d), v) -> (out (B, Lq, heads*d), probs (B, heads, Lq, Lk))``,
-        ``out = softmax(q k^T / sqrt(d)) v`` per sample and head; differentiable in q, k and v."""
+        """``(q (B, Lq, heads*d), k (B, Lk, heads*d), v, head_count(heads)) -> out (B, Lq, heads*d)``,
+        ``out = softmax(q k^T / sqrt(d)) v`` per sample and head; differentiable in q, k and v (the
+        backward recomputes the probabilities: see ``native_attention.cc``)."""
         if heads not in self._forward:
             self._forward[heads] = self._make(heads)
         return self._forward[heads]
 
     def _make(self, heads: int):
         backward = native_build.KernelOp(self.library, "AttentionBackward", f"AttentionBackward/h{heads}",
-                                         out_shape=lambda dout, q, k, v, p: (q, k, v),
+                                         out_shape=lambda dout, q, k, v, h: (q, k, v),
                                          out_dtype=_float32_only("AttentionBackward", 3))
+        zeros_like = ops.ZerosLike()  # made here: a bprop cannot create primitives at call time
 
-        def bprop(q, k, v, out, dout):
-            return backward(dout[0], q, k, v, out[1])
+        def bprop(q, k, v, head_count, out, dout):
+            dq, dk, dv = backward(dout, q, k, v, head_count)
+            return dq, dk, dv, zeros_like(head_count)
 
         return native_build.KernelOp(
             self.library, "AttentionForward", f"AttentionForward/h{heads}",
-            out_shape=lambda q, k, v: (q, [q[0], heads, q[1], k[1]]),
-            out_dtype=_float32_only("AttentionForward", 2), bprop=bprop)
-
+            out_shape=lambda q, k, v, h: q, out_dtype=_float32_only("AttentionForward", 1), bprop=bprop)
 
     def _make_geglu(self):
         """``h (..., 2n) -> a * gelu(b) (..., n)`` with ``[a, b]`` the halves of h (exact erf GELU)."""
@@ -84,6 +86,11 @@ class AttentionKernels:
         return native_build.KernelOp(self.library, "GegluForward", "GegluForward",
                                      out_shape=lambda h: [*h[:-1], h[-1] // 2],
                                      out_dtype=_float32_only("GegluForward", 1), bprop=bprop)
+
+
+def head_count(heads: int) -> Tensor:
+    """The attention kernels' fourth input (a graph constant): ``(heads,)``."""
+    return Tensor([heads], ms.float32)
 
 
 @functools.cache

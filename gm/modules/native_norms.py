@@ -4,8 +4,8 @@ MindSpore 2.10's CPU norm kernels are the slowest per element of a training step
 backward of a LayerNorm on (512, 256) costs ~5 ms in a graph-mode chain against ~1.5 ms for these
 plain loops, and composing the norm from MindSpore ops instead (tried: a ``bprop`` cell of
 reductions) made graph mode keep every intermediate buffer (+0.8 GB at medium@256). A MindSpore
-``aot`` custom op runs a C++ function on the op's own buffers: the forward writes y and the
-per-row (per-group) mean and 1/std, the backward reads them back, nothing else is held.
+``aot`` custom op runs a C++ function on the op's own buffers: the forward writes y alone, the
+backward recomputes the per-row (per-group) mean and 1/std from x, nothing else is held.
 
 The kernels are compiled on first use with the system C++ compiler (``$CXX``, else ``g++``) into
 the user cache folder, keyed by the source's hash, and reused by every later process (compiling
@@ -35,53 +35,51 @@ def build_library(cache_root: Path = CACHE_ROOT) -> Path:
 
 
 class NormKernels:
-    """The custom ops of one built library: forward ops whose bprop calls the backward ops."""
+    """The custom ops of one built library: forward ops (one output) whose bprop calls the backward ops."""
 
     def __init__(self, library: Path):
         self.library = str(library)
         self.zeros_like = ops.ZerosLike()  # made here: a bprop cannot create primitives at call time
-        self.layer_norm = self._differentiable("LayerNorm", lambda x, w, b, e: (x, x[:-1], x[:-1]))
+        self.layer_norm = self._differentiable("LayerNorm", lambda x, w, b, p: x)
         self._group_norm = {}
 
-    def _op(self, name, shapes, bprop=None, variant=""):
-        def dtypes(*inputs):  # float32 in, three float32 outputs; checked once, when a graph is built
+    def _op(self, name, shapes, outputs, bprop=None, variant=""):
+        def dtypes(*inputs):  # float32 in and out; checked once, when a graph is built
             if any(dtype.element_type() != ms.float32 for dtype in inputs):
                 raise TypeError(f"{name} (gm.modules.native_norms) takes float32 inputs, got {inputs}; "
                                 f"on the CPU target use fp32, or set {ENV_SWITCH}=0")
-            return (ms.float32,) * 3
+            return (ms.float32,) * outputs if outputs > 1 else ms.float32
 
         return native_build.KernelOp(self.library, name, name + variant, out_shape=shapes, out_dtype=dtypes,
                                      bprop=bprop)
 
-    def _differentiable(self, norm: str, forward_shapes, variant: str = "", backward_reads_bias: bool = False):
-        """``<norm>Forward`` (x, weight, bias, eps -> y, mean, rstd) with ``<norm>Backward`` as its bprop;
-        ``variant`` tells apart forward ops of other output shapes; ``backward_reads_bias``: the
-        backward takes the bias after the weight (to recompute the forward's output)."""
+    def _differentiable(self, norm: str, forward_shape, variant: str = "", backward_reads_bias: bool = False):
+        """``<norm>Forward`` (x, weight, bias, params -> y) with ``<norm>Backward`` as its bprop, which
+        recomputes the statistics from x (a single-output forward: see ``native_norms.cc``);
+        ``variant`` tells apart ops of other parameters; ``backward_reads_bias``: the backward takes
+        the bias after the weight (to recompute the forward's output)."""
         if backward_reads_bias:
-            backward = self._op(f"{norm}Backward", lambda dy, x, m, r, w, b: (dy, w, w), variant=variant)
+            backward = self._op(f"{norm}Backward", lambda dy, x, w, b, p: (dy, w, w), 3, variant=variant)
 
-            def bprop(x, weight, bias, eps, out, dout):
-                dx, dweight, dbias = backward(dout[0], x, out[1], out[2], weight, bias)
-                return dx, dweight, dbias, self.zeros_like(eps)
+            def bprop(x, weight, bias, params, out, dout):
+                dx, dweight, dbias = backward(dout, x, weight, bias, params)
+                return dx, dweight, dbias, self.zeros_like(params)
         else:
-            backward = self._op(f"{norm}Backward", lambda dy, x, m, r, w: (dy, w, w))
+            backward = self._op(f"{norm}Backward", lambda dy, x, w, p: (dy, w, w), 3, variant=variant)
 
-            def bprop(x, weight, bias, eps, out, dout):
-                dx, dweight, dbias = backward(dout[0], x, out[1], out[2], weight)
-                return dx, dweight, dbias, self.zeros_like(eps)
+            def bprop(x, weight, bias, params, out, dout):
+                dx, dweight, dbias = backward(dout, x, weight, params)
+                return dx, dweight, dbias, self.zeros_like(params)
 
-        return self._op(f"{norm}Forward", forward_shapes, bprop, variant)
+        return self._op(f"{norm}Forward", forward_shape, 1, bprop, variant)
 
     def group_norm(self, groups: int, silu: bool = False):
-        """The forward op for ``groups`` groups (the statistics' shape (N, groups) is part of the op);
+        """The forward op of a GroupNorm (its group count comes in with ``group_norm_params``);
         ``silu``: the op returns silu(GroupNorm(x)) (one op for the ResNet blocks' norm -> SiLU)."""
-        key = (groups, silu)
-        if key not in self._group_norm:
+        if silu not in self._group_norm:
             norm = "GroupNormSilu" if silu else "GroupNorm"
-            self._group_norm[key] = self._differentiable(
-                norm, lambda x, w, b, e: (x, [x[0], groups], [x[0], groups]), variant=f"/g{groups}",
-                backward_reads_bias=silu)
-        return self._group_norm[key]
+            self._group_norm[silu] = self._differentiable(norm, lambda x, w, b, p: x, backward_reads_bias=silu)
+        return self._group_norm[silu]
 
 
 @functools.cache
@@ -91,6 +89,11 @@ def kernels() -> Optional[NormKernels]:
                                           "using MindSpore's own LayerNorm/GroupNorm, slower on the CPU target")
 
 
-def eps_tensor(eps: float) -> Tensor:
-    """``eps`` as the kernels' fourth input (a graph constant)."""
+def layer_norm_params(eps: float) -> Tensor:
+    """The LayerNorm kernels' fourth input (a graph constant): ``(eps,)``."""
     return Tensor([eps], ms.float32)
+
+
+def group_norm_params(eps: float, groups: int) -> Tensor:
+    """The GroupNorm kernels' fourth input (a graph constant): ``(eps, groups)``."""
+    return Tensor([eps, groups], ms.float32)

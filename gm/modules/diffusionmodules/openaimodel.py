@@ -50,7 +50,7 @@ class ResBlock(PyNativeCompilable, nn.Cell):
         """x: (B, C, H, W); emb: (B, emb_channels) -> (B, out_channels, H, W)."""
         # the norm -> SiLU pairs as one op each (GroupNorm.with_silu); the layers keep sgm's indices
         h = self.in_layers[2](self.in_layers[0].with_silu(x))
-        emb_out = self.emb_layers(emb)  # (B, out_channels)
+        emb_out = self.emb_layers[1](self.emb_layers[0](emb))  # (B, out_channels); not via the SequentialCell's loop
         h = h + emb_out.reshape(emb_out.shape[0], -1, 1, 1)
         h = self.out_layers[3](self.out_layers[2](self.out_layers[0].with_silu(h)))
         return self.skip_connection(x) + h
