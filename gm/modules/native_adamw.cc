@@ -21,14 +21,14 @@
 // (3 + G,) float64 = [beta1, beta2, eps, weight decay of each group]; group (n,) int32, each
 // parameter's group; then the n parameters, the n first moments and the n second moments (float32).
 // Output: (1,) float32, set to 0.
-#include <sched.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
 #include <vector>
+
+#include "native_math.h"
 
 namespace {
 
@@ -40,12 +40,6 @@ int64_t Count(int ndim, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < ndim; i++) n *= shape[i];
   return n;
-}
-
-int64_t UsableCores() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
 }
 
 struct Tensor3 {
@@ -119,8 +113,7 @@ extern "C" int AdamWUpdate(int nparam, void **params, int *ndims, int64_t **shap
   }
   if (offset != total) return 3;  // the gradient vector does not match the parameters
 
-  static const int64_t cores = UsableCores();
-  const int64_t chunks = total < kSerialElements ? 1 : cores;
+  const int64_t chunks = total < kSerialElements ? 1 : UsableCores();
   const int64_t span = (total + chunks - 1) / chunks;
   std::vector<std::thread> workers;
   for (int64_t begin = span; begin < total; begin += span)

@@ -12,8 +12,6 @@
 //
 // Kernel signature (MindSpore aot): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 // const char **dtypes, void *stream, void *extra); params are the inputs, then the outputs.
-#include <sched.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -31,15 +29,6 @@ int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float 
 
 namespace {
 
-int64_t Cores() {
-  static const int64_t cores = [] {
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) return static_cast<int64_t>(std::max(1, CPU_COUNT(&set)));
-    return static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
-  }();
-  return cores;
-}
-
 // Below this many floating-point operations a call runs on the calling thread alone (see the top).
 constexpr double kSerialFlops = 32e6;
 
@@ -47,7 +36,7 @@ constexpr double kSerialFlops = 32e6;
 // floats and takes the units p, p + parts, ... in order.
 template <typename Fn>
 void ForUnits(int64_t units, double flops, size_t scratch, const Fn &fn) {
-  const int64_t parts = flops < kSerialFlops ? 1 : std::min(units, Cores());
+  const int64_t parts = flops < kSerialFlops ? 1 : std::min(units, UsableCores());
   auto body = [&](int64_t p) {
     std::vector<float> buffer(scratch);
     for (int64_t u = p; u < units; u += parts) fn(u, buffer.data());

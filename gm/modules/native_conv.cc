@@ -12,8 +12,6 @@
 //
 // Kernel signature (MindSpore aot): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 // const char **dtypes, void *stream, void *extra); params are the inputs, then the outputs.
-#include <sched.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <functional>
@@ -21,6 +19,8 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include "native_math.h"
 
 // The part of oneDNN 3.x's C API used here (ABI-stable within major version 3; the values are
 // those of oneapi/dnnl/dnnl_types.h), declared here because the wheel ships the library without
@@ -93,18 +93,6 @@ struct ThreadpoolInterface {
 
 namespace {
 
-// The cores this process may run on (a pinned data-parallel rank, a container's cpuset).
-int64_t UsableCores() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-int64_t Cores() {
-  static const int64_t cores = UsableCores();
-  return cores;
-}
-
 // Sum over the last axis of `rows` rows of `cols` values into out (rows), each in order, in double.
 void RowSums(const float *x, int64_t rows, int64_t cols, float *out) {
   for (int64_t r = 0; r < rows; r++) {
@@ -131,7 +119,7 @@ struct ConvShape {
 // How many parts oneDNN splits each primitive into, whatever the machine (see the top).
 constexpr int kParts = 8;
 
-// The pool handed to oneDNN: each parallel_for runs its closures on up to Cores() threads started
+// The pool handed to oneDNN: each parallel_for runs its closures on up to UsableCores() threads started
 // for the call.
 // Below this many floating-point operations a convolution runs on the calling thread alone:
 // starting a pool thread costs ~30 us here and one call makes several parallel_for calls (each
@@ -147,7 +135,7 @@ struct Pool : ThreadpoolInterface {
   int get_num_threads() const override { return kParts; }
   bool get_in_parallel() const override { return t_in_pool; }
   void parallel_for(int n, const std::function<void(int, int)> &fn) override {
-    const int parts = t_serial ? 1 : std::min<int>(n, static_cast<int>(Cores()));
+    const int parts = t_serial ? 1 : std::min<int>(n, static_cast<int>(UsableCores()));
     auto body = [&](int p) {
       t_in_pool = true;
       for (int i = p; i < n; i += parts) fn(i, n);

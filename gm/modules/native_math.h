@@ -1,10 +1,25 @@
-// Vectorisable float32 math shared by our CPU kernels (included by native_attention.cc and
-// native_norms.cc; native_build.py hashes this header with each source).
+// What our CPU kernels share (included by each native_*.cc; native_build.py hashes this header
+// with each source): the usable core count and vectorisable float32 math.
 #pragma once
 
+#include <sched.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
+
+// The cores this process may run on (a data-parallel rank pinned to some, a container's cpuset),
+// not the machine's; read once.
+inline int64_t UsableCores() {
+  static const int64_t cores = [] {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return static_cast<int64_t>(std::max(1, CPU_COUNT(&set)));
+    return static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+  }();
+  return cores;
+}
 
 // The row loops are compiled for AVX-512, AVX2 and the baseline, picked by the CPU at load time
 // (the library is built without -march: the cache folder may be shared by several machines).

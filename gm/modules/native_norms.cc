@@ -5,8 +5,6 @@
 //
 // Kernel signature (MindSpore aot): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 // const char **dtypes, void *stream, void *extra); params are the inputs, then the outputs.
-#include <sched.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,22 +21,13 @@ int64_t Product(const int64_t *shape, int begin, int end) {
   return p;
 }
 
-// The cores this process may run on (a data-parallel rank pinned to some, a container's cpuset),
-// not the machine's.
-int64_t UsableCores() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
 // Runs body(begin, end) over [0, count) split into contiguous chunks on up to all cores, each
 // chunk doing at least `grain` units of `cost` elements (threads cost ~20 us to start). Every unit is
 // computed by one thread in a fixed order, so results do not depend on the split.
 template <typename Body>
 void ParallelFor(int64_t count, int64_t cost, Body body) {
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(cost, 1));
-  static const int64_t cores = UsableCores();
-  const int64_t chunks = std::min(cores, (count + grain - 1) / grain);
+  const int64_t chunks = std::min(UsableCores(), (count + grain - 1) / grain);
   if (chunks <= 1) {
     body(0, count);
     return;
