@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -38,8 +39,10 @@ template <typename Fn>
 void ForUnits(int64_t units, double flops, size_t scratch, const Fn &fn) {
   const int64_t parts = flops < kSerialFlops ? 1 : std::min(units, UsableCores());
   auto body = [&](int64_t p) {
-    std::vector<float> buffer(scratch);
-    for (int64_t u = p; u < units; u += parts) fn(u, buffer.data());
+    // not zero-filled: every unit writes its scratch before reading it (the probabilities of a
+    // 4096-token attention are 64 MB a thread)
+    std::unique_ptr<float[]> buffer(scratch > 0 ? new float[scratch] : nullptr);
+    for (int64_t u = p; u < units; u += parts) fn(u, buffer.get());
   };
   std::vector<std::thread> workers;
   for (int64_t p = 1; p < parts; p++) workers.emplace_back(body, p);
