@@ -160,6 +160,19 @@ class TrainStep(nn.Cell):
         # set by ``measure``: the same graph computes the losses but changes no state
         self.measuring = Parameter(Tensor(False, ms.bool_), name="train_step.measuring", requires_grad=False)
 
+    @property
+    def compile_phase(self) -> str:
+        return self._compile_phase
+
+    @compile_phase.setter
+    def compile_phase(self, value: str) -> None:
+        # MindSpore assigns the phase to every sub-cell, recursively, at every call of a graph-mode
+        # cell (~1200 cells at tiny size, a few ms of each step, measured); nothing reads a
+        # sub-cell's phase (only the top cell's, for parallel layouts), so an unchanged one is not
+        # passed down again
+        if value != self._compile_phase:
+            nn.Cell.compile_phase.fset(self, value)
+
     def state_parameters(self) -> Dict[str, Parameter]:
         """Every Parameter an update changes, by name: the trained weights, the AdamW moments and
         update counter, the loss scale and its growth tracker. Between updates (``micro_step`` 0,
