@@ -23,6 +23,7 @@ from PIL import Image, PngImagePlugin
 from gm.errors import ConfigError
 from gm.fs import publish
 from gm.modules.diffusionmodules.discretizer import Discretization
+from gm.step_cell import StepCell
 from gm.util import instantiate_from_config
 
 _logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def build_sampler(options: SamplingOptions, verbose: bool = True):
         "num_steps": options.num_steps, "guider_config": guider, "verbose": verbose}})
 
 
-class DenoiseStep(nn.Cell):
+class DenoiseStep(StepCell):
     """``(x, sigma, context, vector) -> denoised``: UNet + preconditioning as one compiled cell.
 
     ``auto_prefix=False`` keeps the engine's parameter names as they are.

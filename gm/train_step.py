@@ -48,6 +48,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.context import ParallelMode
 
 from gm.errors import ConfigError
+from gm.step_cell import StepCell
 
 _add = ops.MultitypeFuncGraph("add")
 _flat_float32 = ops.MultitypeFuncGraph("flat_float32")
@@ -116,7 +117,7 @@ def _grad_reducer(weights) -> Optional[nn.Cell]:
     return nn.DistributedGradReducer(weights, mean=True, degree=get_group_size())
 
 
-class TrainStep(nn.Cell):
+class TrainStep(StepCell):
     """One compiled training step over the optimizer's parameters (see the module docstring).
 
     Args:
@@ -159,19 +160,6 @@ class TrainStep(nn.Cell):
         self.growth_interval = int(loss_scale.growth_interval)
         # set by ``measure``: the same graph computes the losses but changes no state
         self.measuring = Parameter(Tensor(False, ms.bool_), name="train_step.measuring", requires_grad=False)
-
-    @property
-    def compile_phase(self) -> str:
-        return self._compile_phase
-
-    @compile_phase.setter
-    def compile_phase(self, value: str) -> None:
-        # MindSpore assigns the phase to every sub-cell, recursively, at every call of a graph-mode
-        # cell (~1200 cells at tiny size, a few ms of each step, measured); nothing reads a
-        # sub-cell's phase (only the top cell's, for parallel layouts), so an unchanged one is not
-        # passed down again
-        if value != self._compile_phase:
-            nn.Cell.compile_phase.fset(self, value)
 
     def state_parameters(self) -> Dict[str, Parameter]:
         """Every Parameter an update changes, by name: the trained weights, the AdamW moments and
