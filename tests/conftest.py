@@ -22,6 +22,18 @@ for path in (REPO, REPO / "tests"):
 logging.getLogger("mindspore").setLevel(logging.ERROR)
 
 
+@pytest.fixture(scope="module")
+def graph_mode():
+    """Graph mode on the CPU for a module's tests (``pytestmark = pytest.mark.usefixtures("graph_mode")``),
+    the previous mode back afterwards."""
+    import mindspore as ms
+
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    yield
+    ms.set_context(mode=previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """The tiny reference SDXL with random weights, saved both ways.

@@ -65,12 +65,7 @@ def _new_conditioner(config=reference.TINY_CONFIG):
     return instantiate_from_config(OmegaConf.load(config).model.params.conditioner_config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=previous)
+pytestmark = pytest.mark.usefixtures("graph_mode")  # conftest: graph mode, restored after
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,7 @@ BATCH = {"txt": ["a photo of sks dog", "a dog on the beach"], "original_size_as_
          "crop_coords_top_left": [[0, 0]] * 2, "target_size_as_tuple": [[64, 64]] * 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def graph_mode():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    yield
-    ms.set_context(mode=previous)
+pytestmark = pytest.mark.usefixtures("graph_mode")  # conftest: graph mode, restored after
 
 
 def _base_engine(tiny_weights):

@@ -1,7 +1,6 @@
 """StepCell: a graph-mode top cell passes its phase to its sub-cells when the phase changes, not
 at every call (MindSpore's own walk over every sub-cell costs ms per call at UNet size)."""
 
-import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
@@ -14,7 +13,7 @@ class _Scale(nn.Cell):
         return x * 3.0
 
 
-class _Top(StepCell):
+class _Plain(nn.Cell):
     def __init__(self):
         super().__init__()
         self.inner = _Scale()
@@ -23,15 +22,14 @@ class _Top(StepCell):
         return self.inner(x) + 1.0
 
 
-@pytest.fixture
-def graph_mode():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    yield
-    ms.set_context(mode=previous)
+class _Top(StepCell, _Plain):
+    """_Plain as a StepCell."""
 
 
-def test_sub_cells_get_the_phase_only_when_it_changes(graph_mode):
+pytestmark = pytest.mark.usefixtures("graph_mode")  # conftest: graph mode, restored after
+
+
+def test_sub_cells_get_the_phase_only_when_it_changes():
     top = _Top()
     x2, x4 = Tensor(np.ones((2, 3), np.float32)), Tensor(np.ones((4, 3), np.float32))
     np.testing.assert_array_equal(top(x2).asnumpy(), np.full((2, 3), 4.0, np.float32))
@@ -47,17 +45,9 @@ def test_sub_cells_get_the_phase_only_when_it_changes(graph_mode):
     assert top.compile_phase != first and top.inner.compile_phase == top.compile_phase
 
 
-def test_a_plain_cell_walks_its_sub_cells_at_every_call(graph_mode):
+def test_a_plain_cell_walks_its_sub_cells_at_every_call():
     # what StepCell avoids, so this test notices when MindSpore stops doing it
-    class Plain(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.inner = _Scale()
-
-        def construct(self, x):
-            return self.inner(x) + 1.0
-
-    plain, x2 = Plain(), Tensor(np.ones((2, 3), np.float32))
+    plain, x2 = _Plain(), Tensor(np.ones((2, 3), np.float32))
     plain(x2)
     object.__setattr__(plain.inner, "_compile_phase", "someone else's")
     plain(x2)
