@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -52,7 +53,9 @@ def atomic_path(final: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path
     """Yield a temporary path beside ``final`` to write; ``publish`` it when the block ends,
     delete it when the block fails (a full disk never leaves a partial file behind)."""
     final = Path(final)
-    tmp = final.with_name(final.name + suffix)
+    # a name of its own per writer: ranks that write the same file (the compile cache's signature)
+    # must not fill or rename each other's temporary
+    tmp = final.with_name(f"{final.name}.{secrets.token_hex(6)}{suffix}")
     try:
         yield tmp
     except BaseException:
