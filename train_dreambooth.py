@@ -162,6 +162,30 @@ def base_weight(args: argparse.Namespace, cfg) -> Optional[str]:
     return str(path)
 
 
+def base_prediction_type(args: argparse.Namespace, cfg) -> Optional[str]:
+    """``--prediction_type``, else what the base weights declare (``gm.checkpoint.prediction_type``);
+    None: the model config's preconditioning holds. Resolved before anything is compiled, since the
+    compiled graphs (and their cache) depend on it."""
+    from gm.checkpoint.load import declared_prediction_type
+    from gm.checkpoint.prediction_type import resolve
+
+    weight = base_weight(args, cfg)
+    return resolve(declared_prediction_type(weight) if weight else None, cfg.train.prediction_type, weight)
+
+
+def apply_prediction_type(engine, cfg) -> None:
+    """Precondition the engine for ``train.prediction_type`` (None: as its config says)."""
+    if cfg.train.prediction_type:
+        engine.denoiser.set_prediction_type(cfg.train.prediction_type)
+
+
+def prediction_type_metadata(engine) -> dict:
+    """The LoRA files' entry naming what the base predicts (ModelSpec; kohya reads it)."""
+    from gm.checkpoint.prediction_type import marker_metadata
+
+    return marker_metadata(engine.denoiser.scaling.prediction_type)
+
+
 def input_store(args: argparse.Namespace) -> Optional[Path]:
     """The folder of stored frozen inputs (``--input_cache``), or None when turned off."""
     if args.input_cache is not None and args.input_cache.lower() == "off":
@@ -240,6 +264,7 @@ def main(argv=None) -> None:
     setup_logging()
     if not args.compile_only:  # the helper's parent checked them (and may have made --save_path since)
         check_inputs(args, cfg)
+    cfg.train.prediction_type = base_prediction_type(args, cfg)
 
     from gm.compile_cache import cache_key, enable_compile_cache, start_compile_helper
     from gm.inference import set_mode
@@ -304,8 +329,9 @@ def build_model(args: argparse.Namespace, cfg):
     ms.set_seed(cfg.train.seed)  # every rank draws the same random initial weights (LoRA A, a random base)
     engine = build_engine(cfg.model)
     weight = base_weight(args, cfg)
+    apply_prediction_type(engine, cfg)
     if weight:
-        load_weights(engine, weight)
+        load_weights(engine, weight, cfg.train.prediction_type)
         _logger.info("base model: %s", weight)
     else:
         _logger.warning("no base weights (--weight none or a config without one): training on a randomly "
@@ -379,6 +405,7 @@ def compile_train_step(args: argparse.Namespace, cfg, with_prior: bool) -> None:
     # each parameter's dtype when loaded), and the parameters the step never reads (VAE, text
     # encoders) are then never allocated: -64 MB before compiling at tiny size, -44 MB peak
     engine = build_engine(cfg.model, allocate=False)
+    apply_prediction_type(engine, cfg)
     rows = micro_batch_rows(cfg, with_prior)
     resolution = cfg.data.resolution
     # the conditioning's shapes, without running the text encoders (2 s on this path at tiny size)
@@ -480,7 +507,8 @@ def train(args: argparse.Namespace, cfg, parallel, helper=None) -> None:
                               metadata={"base_model": weight or "random-init", "config": args.config,
                                         "instance_prompt": args.instance_prompt,
                                         "resolution": cfg.data.resolution,
-                                        "max_train_steps": cfg.train.max_train_steps},
+                                        "max_train_steps": cfg.train.max_train_steps,
+                                        **prediction_type_metadata(engine)},
                               lora_format=cfg.lora.format, precision=cfg.lora.save_precision)
     writer.adopt_existing()  # a resumed run keeps pruning the checkpoints it wrote before the kill
     config_text = OmegaConf.to_yaml(OmegaConf.create(effective))

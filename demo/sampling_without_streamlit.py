@@ -46,6 +46,7 @@ from gm.inference import (  # noqa: E402
     set_mode,
 )
 from gm.models.diffusion import build_engine  # noqa: E402
+from gm.modules.diffusionmodules.denoiser_scaling import PREDICTION_TYPES  # noqa: E402
 from gm.modules.pynative_jit import apply_pynative_jit  # noqa: E402
 from gm.precision import PRECISIONS, apply_mixed_precision  # noqa: E402
 
@@ -74,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars",
                    help="a prompt, or a .txt file with one prompt per line")
     p.add_argument("--negative_prompt", default="", help="empty: zero text embeddings, as SDXL base")
+    p.add_argument("--prediction_type", default=None, choices=PREDICTION_TYPES,
+                   help="what the UNet predicts (default: what --weight declares, else --config's)")
     p.add_argument("--sampler", default="EulerEDMSampler", choices=sorted(SAMPLERS))
     p.add_argument("--discretization", default="LegacyDDPMDiscretization", choices=sorted(DISCRETIZATIONS),
                    help="EDMDiscretization gives Karras sigmas")
@@ -204,9 +207,11 @@ def main(argv=None) -> None:
     engine = build_engine(args.config)
     if base:
         # LoRAs are folded into the base weights: sampling then costs what the base costs
-        load_base_with_loras(engine, base, loras)
+        load_base_with_loras(engine, base, loras, args.prediction_type)
     else:
         _logger.warning("no --weight given: sampling with randomly initialised weights")
+        if args.prediction_type:
+            engine.denoiser.set_prediction_type(args.prediction_type)
     apply_mixed_precision(engine, args.precision, "--precision")  # after the merge: the weights stay fp32
     apply_pynative_jit(args.pynative_jit, args.ms_mode, args.device_target, engine)
     sampler = Sampler(engine)

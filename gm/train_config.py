@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gm.errors import ConfigError
 from gm.inference import DISCRETIZATIONS, SAMPLERS
 from gm.models.diffusion import base_model_section
+from gm.modules.diffusionmodules.denoiser_scaling import PREDICTION_TYPES
 from gm.modules.lora import UNET_TARGET_GROUPS
 from gm.optim import LR_SCHEDULERS
 from gm.precision import PRECISIONS
@@ -135,6 +136,11 @@ class TrainSection:
                                      check=_POSITIVE)
     snr_gamma: Optional[float] = setting(None, flag="snr_gamma", help="min-SNR-gamma", check=above(0))
     noise_offset: float = setting(0.0, flag="noise_offset", check=at_least(0))
+    # None: what the base weights declare (a v_pred key, a diffusers scheduler config), else the model config's
+    prediction_type: Optional[str] = setting(
+        None, flag="prediction_type", check=one_of(PREDICTION_TYPES),
+        help="what the base UNet predicts: epsilon (SDXL base) or v_prediction (kohya's --v_parameterization); "
+             "default: what the weights declare, else the model config's")
     mixed_precision: str = setting("fp32", flag="mixed_precision", help="fp32; fp16/bf16 on Ascend/GPU",
                                    check=one_of(PRECISIONS))
     prior_generation_precision: Optional[str] = setting(

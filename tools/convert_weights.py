@@ -15,6 +15,7 @@ before anything is written; the output uses the official single-file key names, 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gm.checkpoint.errors import CheckpointError  # noqa: E402
-from gm.checkpoint.load import weight_arrays  # noqa: E402
+from gm.checkpoint.load import declared_prediction_type, open_weight_file, weight_arrays  # noqa: E402
+from gm.checkpoint.prediction_type import marker_arrays, marker_metadata  # noqa: E402
 from gm.checkpoint.reference_names import reference_names  # noqa: E402
 from gm.checkpoint.save import save_weights  # noqa: E402
 from gm.cli import run_cli, setup_logging  # noqa: E402
@@ -58,12 +60,16 @@ def main(argv=None) -> None:
         raise CheckpointError(f"--names reference writes a MindSpore .ckpt; give an --output ending in .ckpt, not "
                               f"{output.name}")
     engine = build_engine(args.config, allocate=False)
-    arrays = weight_arrays(engine, args.input)
+    source = None if Path(args.input).is_dir() else open_weight_file(engine, args.input)
+    # a v-prediction model stays one: its declaration (a diffusers scheduler config, a v_pred key)
+    # becomes the output's v_pred key and ModelSpec entry
+    declared = declared_prediction_type(args.input, source)
+    arrays = itertools.chain(weight_arrays(engine, args.input, source), marker_arrays(declared or "epsilon").items())
     if args.names == "reference":
         names = reference_names(engine)
-        arrays = ((names[name], value) for name, value in arrays)
-    count = save_weights(arrays, output, args.dtype,
-                         metadata={"converted_from": Path(args.input).name})
+        arrays = ((names.get(name, name), value) for name, value in arrays)
+    count = save_weights(arrays, output, args.dtype, metadata={
+        "converted_from": Path(args.input).name, **(marker_metadata(declared) if declared else {})})
     _logger.info("wrote %d tensors to %s", count, output)
 
 

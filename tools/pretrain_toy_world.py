@@ -18,6 +18,7 @@ from its newest state in ``--out/<stage>/state`` when started again with the sam
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -486,7 +487,8 @@ def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv:
         "# sd_xl_toy_world: the tiny SDXL pretrained on the toy world",
         "",
         f"Model: `{cfg.model_config}` (SDXL topology at small width), official single-file names, "
-        f"{cfg.save.dtype}. Data: {cfg.data.num_images} photos of `gm.data.toy_world` at "
+        f"{cfg.save.dtype}, {cfg.unet.get('prediction_type') or 'epsilon'} prediction. Data: "
+        f"{cfg.data.num_images} photos of `gm.data.toy_world` at "
         f"{cfg.data.resolution}x{cfg.data.resolution}, seed {cfg.data.seed} (classes toy, ball, cup, dog; "
         "the DreamBooth subject, a red/yellow striped robot, never appears).",
         "",
@@ -530,6 +532,7 @@ def main(argv=None) -> None:
     import mindspore as ms
 
     from gm.checkpoint.load import engine_state
+    from gm.checkpoint.prediction_type import marker_arrays, marker_metadata
     from gm.checkpoint.save import save_weights
     from gm.inference import set_mode
     from gm.models.diffusion import build_engine
@@ -543,6 +546,8 @@ def main(argv=None) -> None:
     pixels = to_pixels(images)
     ms.set_seed(cfg.data.seed)
     engine = build_engine(REPO / cfg.model_config)
+    prediction_type = cfg.unet.get("prediction_type") or engine.denoiser.scaling.prediction_type
+    engine.denoiser.set_prediction_type(prediction_type)
     results = {}
     vae_file = out / "vae" / "vae_rescaled.safetensors"
     if vae_file.is_file():
@@ -563,9 +568,11 @@ def main(argv=None) -> None:
         (out / "judge.json").write_text(json.dumps(train_judge(engine, cfg, out)))
     results["judge"] = json.loads((out / "judge.json").read_text())
     results["quality"] = base_quality(engine, cfg, out)
-    save_weights(engine_state(engine).items(), out / OUTPUT_NAME, cfg.save.dtype,
-                 metadata={"modelspec.title": "sd_xl_toy_world", "pretrain_config": json.dumps(
-                     OmegaConf.to_container(cfg, resolve=True))})
+    # a v-prediction base says so as other tools read it (gm.checkpoint.prediction_type)
+    save_weights(itertools.chain(engine_state(engine).items(), marker_arrays(prediction_type).items()),
+                 out / OUTPUT_NAME, cfg.save.dtype,
+                 metadata={"modelspec.title": "sd_xl_toy_world", **marker_metadata(prediction_type),
+                           "pretrain_config": json.dumps(OmegaConf.to_container(cfg, resolve=True))})
     write_model_card(out, cfg, results, argv, time.perf_counter() - started)
     _logger.info("wrote %s and %s", out / OUTPUT_NAME, out / "MODEL_CARD.md")
 

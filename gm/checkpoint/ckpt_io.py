@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Collection, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -13,19 +13,24 @@ from gm.checkpoint.errors import CheckpointError
 from gm.fs import atomic_path
 
 
-def read_ckpt_file(path: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+def read_ckpt_file(path: str | os.PathLike, names: Optional[Collection[str]] = None
+                   ) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """``(name -> array, name -> string)``: the tensors (bfloat16 as float32, exact) and the
-    string entries ``save_checkpoint(append_dict=...)`` adds (e.g. a LoRA file's metadata)."""
+    string entries ``save_checkpoint(append_dict=...)`` adds (e.g. a LoRA file's metadata);
+    ``names``: only those entries (none of them there: two empty dicts)."""
     import mindspore as ms
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        entries = ms.load_checkpoint(str(path))
+        entries = ms.load_checkpoint(str(path), choice_func=None if names is None else (lambda name: name in names))
+    except ValueError as err:
+        if names is not None and "empty after filter" in str(err):
+            return {}, {}
+        raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({_first_line(err)})") from None
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with multi-line text
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable MindSpore checkpoint ({_first_line(err)})") from None
     arrays, strings = {}, {}
     for name, value in entries.items():
         if not hasattr(value, "asnumpy"):
@@ -35,6 +40,11 @@ def read_ckpt_file(path: str | os.PathLike) -> Tuple[Dict[str, np.ndarray], Dict
         else:
             arrays[name] = value.asnumpy()
     return arrays, strings
+
+
+def _first_line(err: Exception) -> str:
+    """MindSpore raises ValueError/RuntimeError with multi-line text."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def write_ckpt_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], bf16: bool = False,

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -26,6 +26,12 @@ from mindspore import nn
 from gm.checkpoint.ckpt_io import read_ckpt_file
 from gm.checkpoint.errors import CheckpointError, summarize_keys
 from gm.checkpoint.keymap import KeyRule, apply_rules, check_rules, iter_rules, rename, rule_shapes
+from gm.checkpoint.prediction_type import (
+    MARKER_KEYS,
+    declared_in_diffusers_folder,
+    declared_in_single_file,
+)
+from gm.checkpoint.prediction_type import resolve as resolve_prediction_type
 from gm.checkpoint.reference_names import to_official_names, uses_reference_names
 from gm.checkpoint.safetensors_io import MergedSource, SafetensorsFile
 
@@ -275,13 +281,50 @@ def component_cell(engine: nn.Cell, component: str) -> nn.Cell:
     return cell
 
 
-def weight_arrays(engine: nn.Cell, path: str | os.PathLike) -> Iterator[Tuple[str, np.ndarray]]:
+def open_weight_file(engine: nn.Cell, path: str | os.PathLike) -> Mapping[str, np.ndarray]:
+    """A single file or ``.ckpt`` as official name -> array (a reference-converter ``.ckpt``'s
+    MindSpore names translated), read once for both the arrays and the prediction type."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    source = read_weight_file(path)
+    if path.suffix == ".ckpt" and uses_reference_names(source):
+        # the reference's converter (mindone ``*_ms.ckpt``): MindSpore's norm/embedding names
+        source = to_official_names(engine, source)
+    if isinstance(source, dict):
+        source = _NamedSource(source, path)
+    return source
+
+
+def declared_prediction_type(path: str | os.PathLike, source: Optional[Mapping[str, np.ndarray]] = None
+                             ) -> Optional[str]:
+    """``epsilon``/``v_prediction`` as the weights at ``path`` declare it, None when they do not
+    (``gm.checkpoint.prediction_type``); ``source``: the file, when already open."""
+    path = Path(path)
+    if path.is_dir():
+        return declared_in_diffusers_folder(path)
+    if source is None:
+        # a safetensors header is read, not its tensors; a .ckpt's marker entries only
+        source = read_ckpt_markers(path) if path.suffix == ".ckpt" else read_weight_file(path)
+    return declared_in_single_file(source, getattr(source, "metadata", {}), path)
+
+
+def read_ckpt_markers(path: Path) -> Dict[str, np.ndarray]:
+    """The prediction-type marker entries of a ``.ckpt`` (none: an empty dict)."""
+    arrays, _ = read_ckpt_file(path, names=MARKER_KEYS)
+    return arrays
+
+
+def weight_arrays(engine: nn.Cell, path: str | os.PathLike,
+                  source: Optional[Mapping[str, np.ndarray]] = None) -> Iterator[Tuple[str, np.ndarray]]:
     """Checked ``(official name, array)`` pairs for the whole engine from any supported source.
 
     ``path``: the official single file (``sd_xl_base_1.0.safetensors``), a diffusers folder
     (``unet/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``) or a ``.ckpt`` from
-    ``tools/convert_weights.py`` or from the reference's converter (``sd_xl_base_1.0_ms.ckpt``).
-    Every component is checked before the first array is yielded.
+    ``tools/convert_weights.py`` or from the reference's converter (``sd_xl_base_1.0_ms.ckpt``);
+    ``source``: that file from ``open_weight_file``, when already open. Every component is checked
+    before the first array is yielded; a file's prediction-type marker (``v_pred``) is not an array
+    of the model.
     """
     path = Path(path)
     if path.is_dir():
@@ -289,17 +332,10 @@ def weight_arrays(engine: nn.Cell, path: str | os.PathLike) -> Iterator[Tuple[st
         if missing:
             raise CheckpointError(f"{path}: not a diffusers SDXL folder (missing {', '.join(missing)}/)")
         parts = [(c, diffusers_component_arrays(component_cell(engine, c), path / c, c)) for c in COMPONENTS]
-    elif not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
     else:
-        source = read_weight_file(path)
-        if path.suffix == ".ckpt" and uses_reference_names(source):
-            # the reference's converter (mindone ``*_ms.ckpt``): MindSpore's norm/embedding names
-            source = to_official_names(engine, source)
-        if isinstance(source, dict):
-            source = _NamedSource(source, path)
+        source = open_weight_file(engine, path) if source is None else source
         prefixes = tuple(c.prefix for c in COMPONENTS.values())
-        stray = [k for k in source if not k.startswith(prefixes)]
+        stray = [k for k in source if not k.startswith(prefixes) and k not in MARKER_KEYS]
         if stray:
             raise CheckpointError(f"{path}: unexpected keys {summarize_keys(stray)} -- not an SDXL base checkpoint?")
         parts = [(c, single_file_component_arrays(component_cell(engine, c), source, c)) for c in COMPONENTS]
@@ -309,18 +345,28 @@ def weight_arrays(engine: nn.Cell, path: str | os.PathLike) -> Iterator[Tuple[st
             yield prefix + name, value
 
 
-def load_weights(engine: nn.Cell, path: str | os.PathLike) -> None:
-    """Load SDXL base weights into a DiffusionEngine (see ``weight_arrays`` for the sources).
+def load_weights(engine: nn.Cell, path: str | os.PathLike, prediction_type: Optional[str] = None) -> str:
+    """Load SDXL base weights into a DiffusionEngine (see ``weight_arrays`` for the sources) and
+    precondition for what its UNet predicts; returns that prediction type.
 
+    ``prediction_type`` (``--prediction_type``) wins; else what the weights declare (a ``v_pred``
+    key, ModelSpec's header entry, a diffusers scheduler config); else the engine's config.
     fp16/bf16 files are cast to each parameter's dtype. Nothing is assigned if any check fails.
     """
-    arrays = weight_arrays(engine, path)
+    path = Path(path)
+    source = None if path.is_dir() else open_weight_file(engine, path)
+    declared = declared_prediction_type(path, source)
+    arrays = weight_arrays(engine, path, source)
     first = next(arrays, None)  # runs every check before any parameter changes
     if first is not None:
         assign_parameters(engine, itertools.chain([first], arrays))
-    if Path(path).is_dir():
-        use_folder_tokenizers(engine, Path(path))
-    _logger.info("loaded base weights from %s", path)
+    if path.is_dir():
+        use_folder_tokenizers(engine, path)
+    chosen = resolve_prediction_type(declared, prediction_type, path)
+    if chosen and chosen != engine.denoiser.scaling.prediction_type:
+        engine.denoiser.set_prediction_type(chosen)
+    _logger.info("loaded base weights from %s (%s)", path, engine.denoiser.scaling.prediction_type)
+    return engine.denoiser.scaling.prediction_type
 
 
 def use_folder_tokenizers(engine: nn.Cell, folder: Path) -> None:

@@ -452,6 +452,8 @@ def _kohya_metadata(updates: LoRAUpdates, extra: Mapping[str, str]) -> Dict[str,
         metadata[mapping.get(key, key)] = value
     if "instance_prompt" in extra:
         metadata["ss_instance_prompt"] = extra["instance_prompt"]
+    # kohya's own flag for a v-prediction base, beside ModelSpec's entry
+    metadata["ss_v_parameterization"] = str(metadata["modelspec.prediction_type"] == "v")
     return metadata
 
 

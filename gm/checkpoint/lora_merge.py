@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mindspore import nn
@@ -101,11 +101,13 @@ def parse_lora_spec(text: str) -> Tuple[str, float]:
 
 
 def load_base_with_loras(engine: nn.Cell, weight: str | os.PathLike,
-                         loras: Sequence[Tuple[str | os.PathLike, float]] = ()) -> None:
-    """Base weights, then every (LoRA file, scale) merged in: what the sampling CLI and page serve."""
+                         loras: Sequence[Tuple[str | os.PathLike, float]] = (),
+                         prediction_type: Optional[str] = None) -> None:
+    """Base weights, then every (LoRA file, scale) merged in: what the sampling CLI and page serve.
+    ``prediction_type``: as ``load_weights`` (None: what the weights declare, else the config's)."""
     from gm.checkpoint.load import load_weights
 
-    load_weights(engine, weight)
+    load_weights(engine, weight, prediction_type)
     if loras:
         merge_into_engine(engine, loras)
 

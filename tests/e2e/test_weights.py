@@ -1,5 +1,6 @@
 """Whole-model weight loading through every route, the converter, and errors for bad files."""
 
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from gm.checkpoint.errors import CheckpointError
-from gm.checkpoint.load import engine_state, load_weights, weight_arrays
+from gm.checkpoint.load import declared_prediction_type, engine_state, load_weights, weight_arrays
 from gm.checkpoint.safetensors_io import SafetensorsFile, save_safetensors
 from gm.models.diffusion import build_engine
 
@@ -219,3 +220,73 @@ def test_check_model_tool_loads_and_runs(tiny_weights):
                             cwd=tiny_weights.config.parents[2], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "unet" in result.stderr and "crossattn (1, 77, 96), vector (1, 1600), image (1, 3, 64, 64)" in result.stderr
+
+
+# -- what the weights say their UNet predicts (gm.checkpoint.prediction_type) --------------------
+
+def _with(tiny_weights, tmp_path, name, extra=None, metadata=None):
+    path = tmp_path / name
+    save_safetensors(path, {**dict(SafetensorsFile(tiny_weights.single_file).items()), **(extra or {})},
+                     metadata=metadata)
+    return path
+
+
+def test_the_weights_declare_v_prediction_every_way_other_tools_write_it(engine, tiny_weights, tmp_path):
+    """ComfyUI's ``v_pred`` key, ModelSpec's header entry and a diffusers scheduler config each set the
+    engine's preconditioning; ``--prediction_type`` wins over them; a file that says nothing keeps the
+    config's (SDXL base: epsilon)."""
+    marked = _with(tiny_weights, tmp_path, "v_pred_key.safetensors", {"v_pred": np.zeros((0,), np.float32)})
+    spec_v = _with(tiny_weights, tmp_path, "spec_v.safetensors", metadata={"modelspec.prediction_type": "v"})
+    spec_eps = _with(tiny_weights, tmp_path, "spec_eps.safetensors", metadata={"modelspec.prediction_type": "epsilon"})
+    try:
+        for path, requested, expected in [
+            (tiny_weights.single_file, None, "epsilon"), (marked, None, "v_prediction"),
+            (spec_v, None, "v_prediction"), (spec_eps, None, "epsilon"),
+            (marked, "epsilon", "epsilon"), (tiny_weights.single_file, "v_prediction", "v_prediction"),
+            (tiny_weights.diffusers_dir, None, "epsilon"),
+        ]:
+            engine.denoiser.set_prediction_type("epsilon")
+            assert load_weights(engine, path, requested) == expected, (path.name, requested)
+            assert engine.denoiser.scaling.prediction_type == expected
+        # the scheduler config of a v-prediction diffusers export (the tiny folder's own says epsilon)
+        config = json.loads((tiny_weights.diffusers_dir / "scheduler" / "scheduler_config.json").read_text())
+        assert config["prediction_type"] == "epsilon"
+        v_folder = tmp_path / "v_folder"
+        for part in tiny_weights.diffusers_dir.iterdir():
+            (v_folder / part.name).parent.mkdir(exist_ok=True)
+            (v_folder / part.name).symlink_to(part, target_is_directory=part.is_dir())
+        (v_folder / "scheduler").unlink()
+        (v_folder / "scheduler").mkdir()
+        (v_folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config,
+                                                                                 "prediction_type": "v_prediction"}))
+        assert load_weights(engine, v_folder) == "v_prediction"
+    finally:
+        engine.denoiser.set_prediction_type("epsilon")
+
+
+def test_unsupported_declarations_are_one_line_errors(tiny_weights, tmp_path):
+    engine = build_engine(tiny_weights.config, allocate=False)
+    ztsnr = _with(tiny_weights, tmp_path, "ztsnr.safetensors",
+                  {"v_pred": np.zeros((0,), np.float32), "ztsnr": np.zeros((0,), np.float32)})
+    with pytest.raises(CheckpointError, match="zero-terminal-SNR"):
+        declared_prediction_type(ztsnr)
+    odd = _with(tiny_weights, tmp_path, "odd.safetensors", metadata={"modelspec.prediction_type": "x0"})
+    with pytest.raises(CheckpointError, match="'x0' is not epsilon or v"):
+        declared_prediction_type(odd)
+    assert engine.denoiser.scaling.prediction_type == "epsilon"
+
+
+@pytest.mark.parametrize("marker", ["key", "modelspec"])
+def test_convert_keeps_a_v_prediction_model_one(tiny_weights, tmp_path, marker):
+    """single file -> .ckpt -> single file: the declaration survives both formats (a ModelSpec-only
+    file gains the key, which a .ckpt can carry)."""
+    source = _with(tiny_weights, tmp_path, "v.safetensors", *(
+        [{"v_pred": np.zeros((0,), np.float32)}] if marker == "key" else [None, {"modelspec.prediction_type": "v"}]))
+    ckpt, back = tmp_path / "v.ckpt", tmp_path / "back.safetensors"
+    for src, dst in ((source, ckpt), (ckpt, back)):
+        result = _run_tool(["--input", str(src), "--output", str(dst), "--config", str(tiny_weights.config)],
+                           cwd=tiny_weights.config.parents[2])
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert declared_prediction_type(dst) == "v_prediction", dst.name
+    assert SafetensorsFile(back).metadata["modelspec.prediction_type"] == "v"
+    assert "v_pred" in SafetensorsFile(back)

@@ -175,6 +175,11 @@ def test_kohya_file_layout_and_metadata(trained, tmp_path):
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("2", "3")
     assert metadata["ss_steps"] == "7" and metadata["modelspec.trigger_phrase"] == "a sks dog"
+    assert (metadata["modelspec.prediction_type"], metadata["ss_v_parameterization"]) == ("epsilon", "False")
+    # trained on a v-prediction base (train_dreambooth.py passes the ModelSpec entry): kohya's flag follows it
+    save_lora(trained["all"]["engine"], path, {"modelspec.prediction_type": "v"}, lora_format="kohya")
+    metadata = read_lora_file(path)[1]
+    assert (metadata["modelspec.prediction_type"], metadata["ss_v_parameterization"]) == ("v", "True")
 
 
 @pytest.fixture(scope="module")
@@ -358,8 +363,8 @@ def test_merge_lora_tool_bakes_the_lora_into_the_base(tiny_weights, trained, inp
     lora = tmp_path / "all_kohya.safetensors"
     save_lora(trained["all"]["engine"], lora, lora_format="kohya")
 
-    def merge(output, *loras, dtype="keep"):
-        result = subprocess.run([sys.executable, "tools/merge_lora.py", "--base", str(tiny_weights.single_file),
+    def merge(output, *loras, dtype="keep", base=tiny_weights.single_file):
+        result = subprocess.run([sys.executable, "tools/merge_lora.py", "--base", str(base),
                                  "--lora", *loras, "--output", str(output), "--config", str(tiny_weights.config),
                                  "--dtype", dtype], cwd=repo, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -379,6 +384,16 @@ def test_merge_lora_tool_bakes_the_lora_into_the_base(tiny_weights, trained, inp
     assert {bf16.dtype(k) for k in bf16} == {"BF16"}
     for key in full:
         np.testing.assert_allclose(bf16[key], full[key], rtol=2 ** -8, atol=1e-30)
+    # a v-prediction base stays one: its v_pred key and ModelSpec entry are copied
+    from gm.checkpoint.load import declared_prediction_type
+    from gm.checkpoint.safetensors_io import save_safetensors
+
+    v_base = tmp_path / "v_base.safetensors"
+    save_safetensors(v_base, {**dict(base.items()), "v_pred": np.zeros((1,), np.float32)},
+                     metadata={"modelspec.prediction_type": "v"})
+    v_merged = merge(tmp_path / "v_merged.safetensors", str(lora), base=v_base)
+    assert declared_prediction_type(v_merged) == "v_prediction"
+    assert SafetensorsFile(v_merged).metadata["modelspec.prediction_type"] == "v"
 
 
 @pytest.mark.parametrize("fmt,suffix", [("kohya", ".safetensors"), ("diffusers", ".safetensors"),

@@ -8,6 +8,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from gm.errors import ConfigError
+from gm.modules.diffusionmodules.denoiser_scaling import SCALINGS
 from gm.util import instantiate_from_config
 
 
@@ -28,6 +30,13 @@ class DiscreteDenoiser(nn.Cell):
         sigmas = self.discretization(num_idx, do_append_zero=do_append_zero, flip=flip)  # ascending
         self.sigmas_np = sigmas
         self.sigmas = Tensor(sigmas.astype(np.float32))
+
+    def set_prediction_type(self, prediction_type: str) -> None:
+        """Precondition for another network target (``epsilon`` or ``v_prediction``); call it before
+        a graph using this denoiser is compiled (the scaling is a constant of the graph)."""
+        if prediction_type not in SCALINGS:
+            raise ConfigError(f"prediction type '{prediction_type}': expected one of {', '.join(SCALINGS)}")
+        self.scaling = SCALINGS[prediction_type]()
 
     def sigma_to_idx(self, sigma: Tensor) -> Tensor:
         """Index of the nearest training sigma, (B,) int32."""

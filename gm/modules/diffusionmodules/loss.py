@@ -1,15 +1,16 @@
 """The DreamBooth denoising loss: the only place the diffusion and prior-preservation loss is computed.
 
-SDXL's training objective (sgm ``StandardDiffusionLoss`` with ``DiscreteSampling`` and
-``EpsWeighting``): for clean latents ``x``, a noise level ``sigma`` drawn uniformly from the 1000
-training sigmas and noise ``n``,
+SDXL's training objective (sgm ``StandardDiffusionLoss`` with ``DiscreteSampling``): for clean
+latents ``x``, a noise level ``sigma`` drawn uniformly from the 1000 training sigmas and noise ``n``,
 
-    loss(x) = w(sigma) * mean_{C,H,W} (D(x + sigma * n, sigma) - x)^2,   w(sigma) = sigma^-2,
+    loss(x) = w(sigma) * mean_{C,H,W} (D(x + sigma * n, sigma) - x)^2,
 
-where ``D`` is the engine's denoiser. With eps scaling ``D = x_noisy - sigma * eps_pred``, so this
-is exactly the noise-prediction MSE ``mean (eps_pred - n)^2``. Optional min-SNR-gamma weighting
-(Hang et al. 2023, arXiv 2303.09556) multiplies each sample by ``min(SNR, gamma) / SNR`` with
-``SNR = 1 / sigma^2`` (the eps-prediction form diffusers' scripts use with ``--snr_gamma``).
+where ``D`` is the engine's denoiser and ``w`` its scaling's ``loss_weight``, which makes this the
+MSE on the network's own target: eps scaling (SDXL base), ``w = sigma^-2`` (sgm's ``EpsWeighting``)
+and ``mean (eps_pred - n)^2``; v scaling, ``w = (sigma^2 + 1) / sigma^2`` (``VWeighting``) and
+``mean (v_pred - v)^2`` with diffusers' ``get_velocity`` target. Optional min-SNR-gamma weighting
+(Hang et al. 2023, arXiv 2303.09556) multiplies by ``min(w, gamma) / w``: ``w`` is the SNR for eps
+and SNR + 1 for v, the forms diffusers' DreamBooth scripts use with ``--snr_gamma``.
 
 DreamBooth prior preservation (Ruiz et al. 2022, arXiv 2208.12242): instance and class samples run
 through the UNet as one batch of 2B (instance first) and
@@ -143,9 +144,9 @@ class DreamBoothLoss(nn.Cell):
         noised = latents + noise * sigmas.reshape(-1, 1, 1, 1)
         denoised = self.engine.denoise(noised, sigmas, crossattn, vector).astype(ms.float32)
         mse = ((denoised - latents) ** 2).mean(axis=(1, 2, 3))  # (N,)
-        sigma2 = sigmas * sigmas
-        # eps weighting sigma^-2 times min-SNR min(SNR, gamma) / SNR = min(1, gamma * sigma^2)
-        weight = ops.minimum(self.snr_gamma * sigma2, 1.0) / sigma2
+        # The target's weight w (eps: SNR = sigma^-2; v: SNR + 1) times min-SNR's min(w, gamma) / w,
+        # as diffusers' DreamBooth scripts weight each prediction type: min(w, gamma).
+        weight = ops.minimum(self.engine.denoiser.scaling.loss_weight(sigmas), self.snr_gamma)
         return mse * weight
 
     def construct(self, latents: Tensor, noise: Tensor, sigmas: Tensor, *cond_inputs) -> Tuple[Tensor, Tensor, Tensor]:
