@@ -34,6 +34,18 @@ def graph_mode():
     ms.set_context(mode=previous)
 
 
+@pytest.fixture(scope="module")
+def pynative_mode():
+    """PyNative on the CPU for a module's tests (``pytestmark = pytest.mark.usefixtures("pynative_mode")``),
+    the previous mode back afterwards."""
+    import mindspore as ms
+
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
+    yield
+    ms.set_context(mode=previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """The tiny reference SDXL with random weights, saved both ways.

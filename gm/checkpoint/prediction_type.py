@@ -32,6 +32,7 @@ ZTSNR_MARKER = "ztsnr"
 MARKER_KEYS = (V_PRED_MARKER, ZTSNR_MARKER)
 # ModelSpec's names (modelspec.prediction_type) for ours
 MODELSPEC_NAMES = {"epsilon": "epsilon", "v_prediction": "v"}
+_FROM_MODELSPEC = {theirs: ours for ours, theirs in MODELSPEC_NAMES.items()}
 
 
 def declared_in_single_file(source: Mapping[str, np.ndarray], metadata: Mapping[str, str],
@@ -43,12 +44,9 @@ def declared_in_single_file(source: Mapping[str, np.ndarray], metadata: Mapping[
     if V_PRED_MARKER in source:
         return "v_prediction"
     spec = metadata.get("modelspec.prediction_type")
-    if spec is None:
-        return None
-    for ours, theirs in MODELSPEC_NAMES.items():
-        if spec == theirs:
-            return ours
-    raise CheckpointError(f"{name}: header modelspec.prediction_type '{spec}' is not epsilon or v")
+    if spec is not None and spec not in _FROM_MODELSPEC:
+        raise CheckpointError(f"{name}: header modelspec.prediction_type '{spec}' is not epsilon or v")
+    return _FROM_MODELSPEC.get(spec)
 
 
 def declared_in_diffusers_folder(folder: str | os.PathLike) -> Optional[str]:

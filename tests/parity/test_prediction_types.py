@@ -1,27 +1,22 @@
-"""Both prediction types (epsilon, v) against diffusers: the training loss of one batch and v-prediction
-sampling trajectories.
+"""Both prediction types (epsilon, v) against diffusers: the training loss of one batch (v-prediction
+sampling trajectories: test_sampler_parity.py).
 
 The network is a fixed nonlinear function of (input, timestep) written twice (MindSpore and torch),
 read as a noise prediction or as a velocity, so the test isolates the preconditioning
-(``denoiser_scaling``), the loss weighting and min-SNR, the sigma -> timestep mapping and the sampler
-arithmetic. The reference is diffusers' own: ``DDPMScheduler.add_noise`` / ``get_velocity`` and its
-DreamBooth scripts' min-SNR weights (``compute_snr``, + 1 for v) for the loss; ``EulerDiscreteScheduler``
-and ``DPMSolverMultistepScheduler`` with ``prediction_type="v_prediction"`` for sampling.
+(``denoiser_scaling``), the loss weighting and min-SNR and the sigma -> timestep mapping. The
+reference is diffusers' own: ``DDPMScheduler.add_noise`` / ``get_velocity`` and its DreamBooth
+scripts' min-SNR weights (``compute_snr``, + 1 for v).
 """
 
-import math
-
-import mindspore as ms
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from mindspore import Tensor, nn, ops
 
 from gm.modules.diffusionmodules.denoiser import DiscreteDenoiser
 from gm.modules.diffusionmodules.loss import DreamBoothLoss
-from gm.modules.diffusionmodules.sampling import DPMPP2MSampler, EulerEDMSampler
 
 SHAPE = (4, 4, 8, 8)
 DDPM = {"target": "gm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}
@@ -69,12 +64,7 @@ def _assert_close(ours, ref, what, rtol=1e-4):
     assert diff <= tol, f"{what}: max diff {diff:.3g} > {tol:.3g}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pynative():
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
-    yield
-    ms.set_context(mode=previous)
+pytestmark = pytest.mark.usefixtures("pynative_mode")
 
 
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
@@ -119,55 +109,3 @@ def test_the_two_prediction_types_differ_on_this_batch():
         values.append(float(cell(*args, sigmas, Tensor(np.zeros((4, 1, 1), np.float32)),
                                  Tensor(np.zeros((4, 1), np.float32)))[0].asnumpy()))
     assert abs(values[0] - values[1]) > 5e-3 * max(values), values
-
-
-def _trajectory(sampler, noise):
-    engine = ToyEngine("v_prediction")
-    trace = []
-
-    def denoise_fn(x, sigma, cond):
-        trace.append(x.asnumpy().copy())
-        return engine.denoise(x, sigma, cond["crossattn"], cond["vector"])
-
-    cond = {"crossattn": Tensor(np.zeros((4, 1, 1), np.float32)), "vector": Tensor(np.zeros((4, 1), np.float32))}
-    return trace, sampler(denoise_fn, Tensor(noise), cond).asnumpy()
-
-
-def _reference_run(scheduler, noise, steps, to_ours, variance_exploding):
-    """diffusers' loop (the network fed ``scale_model_input``), states mapped to our parametrisation."""
-    scheduler.set_timesteps(steps)
-    sigma_max = float(scheduler.sigmas[0])
-    x = torch.from_numpy(noise) * (math.sqrt(1 + sigma_max**2) if variance_exploding else 1.0)
-    states = []
-    for t in scheduler.timesteps:
-        states.append(x.numpy().copy())
-        x = scheduler.step(torch_network(scheduler.scale_model_input(x, t), t.reshape(1)), t, x).prev_sample
-    return [to_ours(s, i) for i, s in enumerate(states)], x.numpy()
-
-
-@pytest.mark.parametrize("steps", [4, 10])
-def test_v_prediction_euler_matches_euler_discrete(steps):
-    noise = np.random.default_rng(steps).standard_normal(SHAPE).astype(np.float32)
-    trace, final = _trajectory(EulerEDMSampler(discretization_config=DDPM, num_steps=steps), noise)
-    scheduler = EulerDiscreteScheduler(**BETAS, timestep_spacing="trailing", prediction_type="v_prediction")
-    states, ref_final = _reference_run(scheduler, noise, steps, lambda s, i: s, variance_exploding=True)
-    assert len(trace) == len(states) == steps
-    for i, (ours, ref) in enumerate(zip(trace, states)):
-        _assert_close(ours, ref, f"step {i}")
-    _assert_close(final, ref_final, "final")
-
-
-def test_v_prediction_dpmpp_2m_matches_dpm_solver_multistep():
-    steps = 8
-    noise = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
-    trace, final = _trajectory(DPMPP2MSampler(discretization_config=DDPM, num_steps=steps), noise)
-    scheduler = DPMSolverMultistepScheduler(**BETAS, timestep_spacing="trailing", algorithm_type="dpmsolver++",
-                                            solver_order=2, prediction_type="v_prediction")
-    scheduler.set_timesteps(steps)
-    sigmas = scheduler.sigmas.numpy()
-    # diffusers' DPM-Solver works on variance-preserving samples x_vp = x / sqrt(1 + sigma^2)
-    states, ref_final = _reference_run(scheduler, noise, steps, lambda s, i: s * math.sqrt(1 + float(sigmas[i]) ** 2),
-                                       variance_exploding=False)
-    for i, (ours, ref) in enumerate(zip(trace, states)):
-        _assert_close(ours, ref, f"step {i}")
-    _assert_close(final, ref_final, "final")

@@ -1,4 +1,5 @@
-"""Our samplers against diffusers' schedulers (k-diffusion's formulas, written here in torch, where
+"""Our samplers against diffusers' schedulers (noise-prediction models, and Euler and DPM++ 2M for a
+v-prediction one) (k-diffusion's formulas, written here in torch, where
 diffusers has none): same model function, same initial (and per-step) noise, trajectories within 1e-4.
 
 The model is a fixed nonlinear noise predictor of (input, timestep) written twice (MindSpore and
@@ -55,11 +56,12 @@ class ToyEps(nn.Cell):
         return eps_numpy_like(x, t.reshape(-1, 1, 1, 1), ops)
 
 
-@pytest.fixture(scope="module")
-def denoise_and_trace():
+def _traced_denoiser(scaling: str):
+    """The toy network read as ``scaling`` prescribes (a noise or a velocity prediction), recording
+    every model input and sigma."""
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     denoiser = DiscreteDenoiser(
-        scaling_config={"target": "gm.modules.diffusionmodules.denoiser_scaling.EpsScaling"},
+        scaling_config={"target": f"gm.modules.diffusionmodules.denoiser_scaling.{scaling}"},
         num_idx=1000, discretization_config=DDPM)
     network = ToyEps()
     trace = []
@@ -69,6 +71,17 @@ def denoise_and_trace():
         return denoiser(network, x, sigma, cond["crossattn"], cond["vector"])
 
     return denoise_fn, trace
+
+
+@pytest.fixture(scope="module")
+def denoise_and_trace():
+    return _traced_denoiser("EpsScaling")
+
+
+@pytest.fixture(scope="module")
+def v_denoise_and_trace():
+    """The same network as a v-prediction model; diffusers' schedulers get ``prediction_type="v_prediction"``."""
+    return _traced_denoiser("VScaling")
 
 
 COND = {"crossattn": Tensor(np.zeros((2, 1, 1), np.float32)), "vector": Tensor(np.zeros((2, 1), np.float32))}
@@ -168,6 +181,37 @@ def test_heun_matches_heun_discrete(denoise_and_trace, steps):
     for i, ((ours, sigma), ref) in enumerate(zip(trace, states)):
         assert math.isclose(sigma, float(scheduler.sigmas[i]), rel_tol=1e-5), i
         _assert_close(ours, ref, f"call {i}")
+    _assert_close(final, ref_final, "final")
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+def test_v_prediction_euler_matches_euler_discrete(v_denoise_and_trace, steps):
+    denoise_fn, trace = v_denoise_and_trace
+    trace.clear()
+    noise = np.random.default_rng(steps).standard_normal(SHAPE).astype(np.float32)
+    final = EulerEDMSampler(discretization_config=DDPM, num_steps=steps)(denoise_fn, Tensor(noise), COND).asnumpy()
+    scheduler = EulerDiscreteScheduler(**SCHEDULE, prediction_type="v_prediction")
+    states, ref_final = _reference_run(scheduler, noise, steps, lambda s, i: s)
+    assert len(trace) == len(states) == steps
+    for i, ((ours, _), ref) in enumerate(zip(trace, states)):
+        _assert_close(ours, ref, f"step {i}")
+    _assert_close(final, ref_final, "final")
+
+
+def test_v_prediction_dpmpp_2m_matches_dpm_solver_multistep(v_denoise_and_trace):
+    denoise_fn, trace = v_denoise_and_trace
+    trace.clear()
+    steps = 8
+    noise = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
+    final = DPMPP2MSampler(discretization_config=DDPM, num_steps=steps)(denoise_fn, Tensor(noise), COND).asnumpy()
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                            prediction_type="v_prediction")
+    scheduler.set_timesteps(steps)
+    sigmas = scheduler.sigmas.numpy()
+    states, ref_final = _reference_run(scheduler, noise, steps,
+                                       lambda s, i: s * math.sqrt(1 + float(sigmas[i]) ** 2), variance_exploding=False)
+    for i, ((ours, _), ref) in enumerate(zip(trace, states)):
+        _assert_close(ours, ref, f"step {i}")
     _assert_close(final, ref_final, "final")
 
 
