@@ -86,12 +86,15 @@ def yaml_value(text: str):
 
 # -- the data -----------------------------------------------------------------------------------
 
-def world_photos(out: Path, count: int, resolution: int, seed: int) -> Tuple[np.ndarray, List[str]]:
-    """Photos 0..count-1 of the world as uint8 (N, R, R, 3) and their captions, rendered once into
-    ``out/world_<seed>_<count>_<R>.npz``."""
-    from gm.data.toy_world import render_world_photo
+def world_photos(out: Path, count: int, resolution: int, seed: int,
+                 omit_rate: float = 0.0) -> Tuple[np.ndarray, List[str]]:
+    """Photos 0..count-1 of the world as uint8 (N, R, R, 3) and their captions (each attribute left
+    out at ``omit_rate``, :func:`gm.data.toy_world.world_caption`), rendered once into
+    ``out/world_<seed>_<count>_<R>[_omit<percent>].npz``."""
+    from gm.data.toy_world import render_world_photo, world_caption
 
-    cache = out / f"world_{seed}_{count}_{resolution}.npz"
+    omitted = f"_omit{round(omit_rate * 100)}" if omit_rate else ""
+    cache = out / f"world_{seed}_{count}_{resolution}{omitted}.npz"
     if cache.is_file():
         data = np.load(cache)
         return data["images"], [str(c) for c in data["captions"]]
@@ -99,7 +102,7 @@ def world_photos(out: Path, count: int, resolution: int, seed: int) -> Tuple[np.
     for index in range(count):
         photo, item = render_world_photo(index, size=resolution, seed=seed)
         images.append(np.asarray(photo))
-        captions.append(item.caption)
+        captions.append(world_caption(item, index, seed=seed, omit_rate=omit_rate))
     images = np.stack(images)
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, images=images, captions=np.array(captions))
@@ -541,7 +544,8 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     config_text = OmegaConf.to_yaml(cfg)
     count = cfg.data.num_images
-    images, captions = world_photos(out, count + cfg.data.heldout_images, cfg.data.resolution, cfg.data.seed)
+    images, captions = world_photos(out, count + cfg.data.heldout_images, cfg.data.resolution, cfg.data.seed,
+                                    cfg.data.get("caption_omit_rate", 0.0))
     images, captions, heldout = images[:count], captions[:count], images[count:]
     pixels = to_pixels(images)
     ms.set_seed(cfg.data.seed)

@@ -48,8 +48,19 @@ class WorldItem:
     @property
     def caption(self) -> str:
         """``"a photo of a red ball on a beach"`` (the pattern is named when there is one)."""
-        pattern = "" if self.pattern == "plain" else f"{self.pattern} "
-        return f"a photo of a {pattern}{self.colour} {self.cls} on a {self.scene}"
+        return self.caption_naming()
+
+    def caption_naming(self, colour: bool = True, pattern: bool = True, scene: bool = True) -> str:
+        """The caption naming only the chosen attributes: ``caption_naming(False, False, False)`` is
+        ``"a photo of a ball"``, the class prompt DreamBooth uses."""
+        words = ["a photo of a"]
+        if pattern and self.pattern != "plain":
+            words.append(self.pattern)
+        if colour:
+            words.append(self.colour)
+        words.append(self.cls)
+        text = " ".join(words)
+        return f"{text} on a {self.scene}" if scene else text
 
 
 def is_subject_like(item: WorldItem) -> bool:
@@ -205,6 +216,17 @@ def draw_world_item(rng: np.random.Generator) -> WorldItem:
         item = WorldItem(cls, kind, colour, second, pattern, scene)
         if not is_subject_like(item):
             return item
+
+
+def world_caption(item: WorldItem, index: int, *, seed: int = 0, omit_rate: float = 0.0) -> str:
+    """The training caption of photo ``index``: each of its colour, pattern and scene is left out
+    with probability ``omit_rate`` (independently, drawn from ``(seed, index)``). Captions that
+    always name every attribute leave "a photo of a toy" outside the training distribution; the
+    model then draws the average of its toys (one brownish blob) for DreamBooth's class and
+    instance prompts, where real captions at every level of detail teach SDXL the whole class."""
+    rng = np.random.default_rng([seed, 0xCA9, index])
+    colour, pattern, scene = (bool(keep) for keep in rng.random(3) >= omit_rate)
+    return item.caption_naming(colour=colour, pattern=pattern, scene=scene)
 
 
 def render_world_photo(index: int, *, size: int = 64, seed: int = 0) -> Tuple[Image.Image, WorldItem]:

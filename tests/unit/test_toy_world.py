@@ -10,6 +10,7 @@ from gm.data.toy_world import (
     draw_world_item,
     is_subject_like,
     render_world_photo,
+    world_caption,
 )
 
 
@@ -42,3 +43,22 @@ def test_the_world_never_shows_the_subject():
     assert not any(is_subject_like(item) for item in items)
     robots = [item for item in items if item.kind == "robot"]
     assert len(robots) > 100 and {item.colour for item in robots} == set(COLOURS)
+
+
+def test_training_captions_name_each_attribute_or_leave_it_out():
+    item = WorldItem("ball", "ball", "red", "white", "dotted", "beach")
+    assert item.caption == "a photo of a dotted red ball on a beach"
+    assert item.caption_naming(colour=False, pattern=False, scene=False) == "a photo of a ball"
+    assert item.caption_naming(pattern=False, scene=False) == "a photo of a red ball"
+    plain_cup = WorldItem("cup", "cup", "blue", "red", "plain", "lawn")
+    assert plain_cup.caption_naming(scene=False) == "a photo of a blue cup"
+    items = [render_world_photo(i, size=16, seed=3)[1] for i in range(200)]
+    assert [world_caption(it, i, seed=3) for i, it in enumerate(items)] == [it.caption for it in items]
+    captions = [world_caption(it, i, seed=3, omit_rate=0.5) for i, it in enumerate(items)]
+    assert captions == [world_caption(it, i, seed=3, omit_rate=0.5) for i, it in enumerate(items)]
+    bare = [c for c, it in zip(captions, items) if c == f"a photo of a {it.cls}"]
+    with_scene = [c for c, it in zip(captions, items) if c.endswith(f" on a {it.scene}")]
+    with_colour = [c for c, it in zip(captions, items) if f" {it.colour} {it.cls}" in c]
+    # each attribute kept about half the time, all three left out about an eighth of the time
+    assert 60 <= len(with_scene) <= 140 and 60 <= len(with_colour) <= 140 and 10 <= len(bare) <= 45
+    assert {c.split()[-1] for c in bare} <= set(CLASSES) and len({c for c in bare}) == len(CLASSES)
