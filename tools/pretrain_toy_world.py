@@ -54,7 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ms_mode", type=int, default=0, choices=[0, 1], help="0: graph mode, 1: PyNative")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override any config value, e.g. --set quality.images_per_class=8 judge.epochs=10")
-    return parser.parse_args(argv)
+    parser.add_argument("--vae_from", default=None, metavar="WEIGHTS",
+                        help="skip the VAE stage: take the VAE of this single file (e.g. an earlier base's "
+                             ".safetensors of this config); its held-out reconstruction is measured again")
+    parser.add_argument("--judge_from", default=None, metavar="JUDGE",
+                        help="skip training the judge: use this judge file (it reads images through the VAE "
+                             "it was trained with, so pair it with --vae_from); its held-out accuracy is "
+                             "measured again")
+    args = parser.parse_args(argv)
+    for flag in ("vae_from", "judge_from"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"--{flag} {value}: no such file")
+    return args
 
 
 def load_pretrain_config(args: argparse.Namespace):
@@ -400,31 +412,41 @@ def vae_round_trip(engine, images: np.ndarray, chunk: int = 64) -> np.ndarray:
     return np.concatenate(out)
 
 
-def train_judge(engine, cfg, out: Path) -> Dict[str, float]:
-    """Train the toy world's judge (``gm.metrics.toy_world``) on its own photos and score it on
-    photos of yet another seed; writes ``out/JUDGE_NAME``. Every other photo is shown as the VAE
-    reproduces it (``judge.vae_share``): the judge reads generated images, which can be no sharper
-    than the VAE's reconstructions."""
-    from gm.metrics.toy_world import HEADS, ToyWorldJudge, judge_photos
+def _judge_photos_seen_through_vae(engine, cfg, count: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`gm.metrics.toy_world.judge_photos`, a ``judge.vae_share`` of them as the VAE
+    reproduces them: the judge reads generated images, which can be no sharper than that."""
+    from gm.metrics.toy_world import judge_photos
+
+    images, targets = judge_photos(count, seed)
+    chosen = np.random.default_rng([seed, 0x5AE]).random(len(images)) < cfg.judge.vae_share
+    if chosen.any():
+        images = images.copy()
+        images[chosen] = vae_round_trip(engine, images[chosen])
+    return images, targets
+
+
+def train_judge(engine, cfg, out: Path, judge_from: Path | None = None) -> Dict[str, float]:
+    """Train the toy world's judge (``gm.metrics.toy_world``) on its own photos (or take the one of
+    ``judge_from``) and score it on photos of yet another seed; writes ``out/JUDGE_NAME``."""
+    import shutil
+
+    from gm.metrics.toy_world import HEADS, ToyWorldJudge
 
     j = cfg.judge
-
-    def photos(count: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-        images, targets = judge_photos(count, seed)
-        chosen = np.random.default_rng([seed, 0x5AE]).random(len(images)) < j.vae_share
-        if chosen.any():
-            images = images.copy()
-            images[chosen] = vae_round_trip(engine, images[chosen])
-        return images, targets
-
-    images, targets = photos(j.photos_per_label, j.seed)
-    judge = ToyWorldJudge.fit(images, targets, hidden=j.hidden, epochs=j.epochs, seed=j.seed)
-    judge.save(out / JUDGE_NAME)
-    test_images, test_targets = photos(j.test_photos_per_label, j.test_seed)
+    if judge_from is not None:
+        judge = ToyWorldJudge.load(judge_from)
+        shutil.copyfile(judge_from, out / JUDGE_NAME)
+    else:
+        images, targets = _judge_photos_seen_through_vae(engine, cfg, j.photos_per_label, j.seed)
+        judge = ToyWorldJudge.fit(images, targets, hidden=j.hidden, epochs=j.epochs, seed=j.seed)
+        judge.save(out / JUDGE_NAME)
+    test_images, test_targets = _judge_photos_seen_through_vae(engine, cfg, j.test_photos_per_label, j.test_seed)
     result = {f"{head}_accuracy": float(np.mean(judge.predict(test_images, head) ==
                                                 np.array(names)[test_targets[:, k]]))
               for k, (head, names) in enumerate(HEADS.items())}
     result["test_photos"] = len(test_images)
+    if judge_from is not None:
+        result["reused_from"] = str(judge_from)
     _logger.info("judge: held-out accuracy %s", result)
     return result
 
@@ -461,17 +483,20 @@ def base_quality(engine, cfg, out: Path) -> Dict[str, object]:
     return result
 
 
-def load_vae(engine, path: Path) -> None:
-    """The VAE weights the first stage saved (official names, ``first_stage_model.*`` only)."""
+def load_vae(engine, path: Path, whole_model: bool = False) -> None:
+    """The VAE weights the first stage saved (official names, ``first_stage_model.*`` only), or with
+    ``whole_model`` the VAE part of a whole single file of this config (``--vae_from``)."""
     from safetensors import safe_open
 
     from gm.checkpoint.load import assign_parameters, engine_state
 
     expected = {k for k in engine_state(engine) if k.startswith("first_stage_model.")}
     with safe_open(str(path), "np") as f:
-        if set(f.keys()) != expected:
-            raise ConfigError(f"{path}: not this config's VAE weights; delete it to retrain the VAE stage")
-        assign_parameters(engine, ((k, f.get_tensor(k)) for k in sorted(expected)))
+        found = {k for k in f.keys() if k.startswith("first_stage_model.")} if whole_model else set(f.keys())
+        if found != expected:
+            hint = "give a base of this model config" if whole_model else "delete it to retrain the VAE stage"
+            raise ConfigError(f"{path}: not this config's VAE weights; {hint}")
+        assign_parameters(engine, ((k, f.get_tensor(k).astype(np.float32)) for k in sorted(expected)))
 
 
 def _stage_notes(name: str, result: Dict[str, float], cfg) -> str:
@@ -501,11 +526,18 @@ def write_model_card(out: Path, cfg, results: Dict[str, Dict[str, float]], argv:
     stages = [name for name in ("vae", "unet", "unet_refine") if name in results]
     for name in stages:
         r = results[name]
+        if "reused_from" in r:
+            lines.append(f"| {name} | taken from `{r['reused_from']}` (`--vae_from`) | - | held-out "
+                         f"({r['heldout_images']} photos): MAE {r['heldout_mae_255']:.2f}/255, PSNR "
+                         f"{r['heldout_psnr_db']:.2f} dB | 0 |")
+            continue
         lines.append(f"| {name} | {cfg[name].steps} | {r['loss']:.4f} | {_stage_notes(name, r, cfg)} | "
                      f"{r['seconds']} |")
     judge, quality = results["judge"], results["quality"]
-    lines += ["", f"Judge (`{JUDGE_NAME}`, `gm.metrics.toy_world`): held-out accuracy on {judge['test_photos']} "
-              f"photos: label {judge['label_accuracy']:.3f}, colour {judge['colour_accuracy']:.3f}, "
+    reused = f", taken from `{judge['reused_from']}` (`--judge_from`)" if "reused_from" in judge else ""
+    lines += ["", f"Judge (`{JUDGE_NAME}`, `gm.metrics.toy_world`{reused}): held-out accuracy on "
+              f"{judge['test_photos']} photos: label {judge['label_accuracy']:.3f}, "
+              f"colour {judge['colour_accuracy']:.3f}, "
               f"pattern {judge['pattern_accuracy']:.3f}.", "",
               f"Base model quality: {quality['images_per_class']} samples per class prompt \"a photo of a "
               f"<class>\" ({quality['sampler']}, {quality['num_steps']} steps, guidance "
@@ -557,6 +589,13 @@ def main(argv=None) -> None:
     if vae_file.is_file():
         load_vae(engine, vae_file)
         _logger.info("vae: trained and rescaled weights from %s", vae_file)
+    elif args.vae_from:
+        load_vae(engine, Path(args.vae_from), whole_model=True)
+        results["vae"] = {"reused_from": args.vae_from, "seconds": 0.0, **heldout_reconstruction(engine, heldout)}
+        _logger.info("vae: the VAE of %s, held-out reconstruction %s", args.vae_from, results["vae"])
+        vae = {k: v for k, v in engine_state(engine).items() if k.startswith("first_stage_model.")}
+        save_weights(vae.items(), vae_file)
+        (out / "vae" / "result.json").write_text(json.dumps(results["vae"]))
     else:
         results["vae"] = train_vae(engine, pixels, cfg, out, config_text)
         results["vae"]["latent_rescale"] = fit_latent_scale(engine, pixels)
@@ -569,7 +608,8 @@ def main(argv=None) -> None:
         results["vae"] = json.loads((out / "vae" / "result.json").read_text())
     results.update(train_unet(engine, pixels, captions, cfg, out, config_text))
     if not (out / JUDGE_NAME).is_file() or not (out / "judge.json").is_file():
-        (out / "judge.json").write_text(json.dumps(train_judge(engine, cfg, out)))
+        judge_from = Path(args.judge_from) if args.judge_from else None
+        (out / "judge.json").write_text(json.dumps(train_judge(engine, cfg, out, judge_from)))
     results["judge"] = json.loads((out / "judge.json").read_text())
     results["quality"] = base_quality(engine, cfg, out)
     # a v-prediction base says so as other tools read it (gm.checkpoint.prediction_type)

@@ -100,6 +100,33 @@ def test_frozen_text_encoders_train_the_unet_only(pretrained, tmp_path):
     assert any(k.startswith("conditioner.") for k in trained)
     assert (tmp_path / "sd_xl_toy_world.safetensors").is_file()
 
+def test_the_vae_and_judge_of_an_earlier_base_skip_their_stages(pretrained, tmp_path):
+    # --vae_from/--judge_from: a new UNet recipe on the VAE (and the judge that reads through it)
+    # of an earlier base, without the VAE stage
+    base, judge = pretrained / "sd_xl_toy_world.safetensors", pretrained / "toy_world_judge.safetensors"
+    result = subprocess.run([sys.executable, "tools/pretrain_toy_world.py", "--out", str(tmp_path), *SMALL,
+                             "--unet_steps", "2", "--vae_from", str(base), "--judge_from", str(judge)],
+                            cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "vae: the VAE of" in result.stderr and "latent space rescaled" not in result.stderr
+    vae_before = _tensors(base, "first_stage_model.")
+    vae_after = _tensors(tmp_path / "sd_xl_toy_world.safetensors", "first_stage_model.")
+    assert vae_before.keys() == vae_after.keys()
+    assert all(np.array_equal(vae_before[k], vae_after[k]) for k in vae_before)
+    assert (tmp_path / "toy_world_judge.safetensors").read_bytes() == judge.read_bytes()
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    assert f"| vae | taken from `{base}` (`--vae_from`) | - | held-out (4 photos)" in card
+    assert f"taken from `{judge}` (`--judge_from`)" in card
+    # the world's captions name colour, pattern and scene only some of the time (data.caption_omit_rate)
+    captions = [str(c) for c in np.load(tmp_path / "world_0_12_64_omit50.npz")["captions"]]
+    assert any(c.count(" ") < 6 for c in captions) and any(" on a " in c for c in captions)
+    missing = subprocess.run([sys.executable, "tools/pretrain_toy_world.py", "--out", str(tmp_path / "x"),
+                              "--vae_from", str(tmp_path / "nothing.safetensors")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "--vae_from" in missing.stderr.strip().splitlines()[-1] and "no such file" in missing.stderr
+
+
 def test_a_warm_restart_trains_the_finished_unet_on(pretrained):
     # runs last: it rewrites the folder's single file with the restarted UNet
     before = _tensors(pretrained / "unet" / "state" / "step_000003" / "train_state.safetensors",
