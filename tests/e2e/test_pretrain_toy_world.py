@@ -105,7 +105,8 @@ def test_the_vae_and_judge_of_an_earlier_base_skip_their_stages(pretrained, tmp_
     # of an earlier base, without the VAE stage
     base, judge = pretrained / "sd_xl_toy_world.safetensors", pretrained / "toy_world_judge.safetensors"
     result = subprocess.run([sys.executable, "tools/pretrain_toy_world.py", "--out", str(tmp_path), *SMALL,
-                             "--unet_steps", "2", "--vae_from", str(base), "--judge_from", str(judge)],
+                             "data.caption_omit_rate=0.5", "--unet_steps", "2", "--vae_from", str(base),
+                             "--judge_from", str(judge)],
                             cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "vae: the VAE of" in result.stderr and "latent space rescaled" not in result.stderr
