@@ -22,28 +22,26 @@ for path in (REPO, REPO / "tests"):
 logging.getLogger("mindspore").setLevel(logging.ERROR)
 
 
-@pytest.fixture(scope="module")
-def graph_mode():
-    """Graph mode on the CPU for a module's tests (``pytestmark = pytest.mark.usefixtures("graph_mode")``),
-    the previous mode back afterwards."""
+def _cpu_mode(mode_name: str):
+    """Set MindSpore's ``mode_name`` (GRAPH_MODE / PYNATIVE_MODE) on the CPU, the previous mode back afterwards."""
     import mindspore as ms
 
     previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_context(mode=getattr(ms, mode_name), device_target="CPU")
     yield
     ms.set_context(mode=previous)
+
+
+@pytest.fixture(scope="module")
+def graph_mode():
+    """Graph mode on the CPU for a module's tests (``pytestmark = pytest.mark.usefixtures("graph_mode")``)."""
+    yield from _cpu_mode("GRAPH_MODE")
 
 
 @pytest.fixture(scope="module")
 def pynative_mode():
-    """PyNative on the CPU for a module's tests (``pytestmark = pytest.mark.usefixtures("pynative_mode")``),
-    the previous mode back afterwards."""
-    import mindspore as ms
-
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
-    yield
-    ms.set_context(mode=previous)
+    """PyNative on the CPU for a module's tests (``pytestmark = pytest.mark.usefixtures("pynative_mode")``)."""
+    yield from _cpu_mode("PYNATIVE_MODE")
 
 
 @pytest.fixture(scope="session")

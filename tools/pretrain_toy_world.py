@@ -589,23 +589,20 @@ def main(argv=None) -> None:
     if vae_file.is_file():
         load_vae(engine, vae_file)
         _logger.info("vae: trained and rescaled weights from %s", vae_file)
-    elif args.vae_from:
-        load_vae(engine, Path(args.vae_from), whole_model=True)
-        results["vae"] = {"reused_from": args.vae_from, "seconds": 0.0, **heldout_reconstruction(engine, heldout)}
-        _logger.info("vae: the VAE of %s, held-out reconstruction %s", args.vae_from, results["vae"])
-        vae = {k: v for k, v in engine_state(engine).items() if k.startswith("first_stage_model.")}
-        save_weights(vae.items(), vae_file)
-        (out / "vae" / "result.json").write_text(json.dumps(results["vae"]))
+        results["vae"] = json.loads((out / "vae" / "result.json").read_text())
     else:
-        results["vae"] = train_vae(engine, pixels, cfg, out, config_text)
-        results["vae"]["latent_rescale"] = fit_latent_scale(engine, pixels)
+        if args.vae_from:
+            load_vae(engine, Path(args.vae_from), whole_model=True)
+            _logger.info("vae: the VAE of %s", args.vae_from)
+            results["vae"] = {"reused_from": args.vae_from, "seconds": 0.0}
+        else:
+            results["vae"] = train_vae(engine, pixels, cfg, out, config_text)
+            results["vae"]["latent_rescale"] = fit_latent_scale(engine, pixels)
         results["vae"].update(heldout_reconstruction(engine, heldout))  # photos num_images.. of the world
         _logger.info("vae: held-out reconstruction %s", results["vae"])
         vae = {k: v for k, v in engine_state(engine).items() if k.startswith("first_stage_model.")}
         save_weights(vae.items(), vae_file)
         (out / "vae" / "result.json").write_text(json.dumps(results["vae"]))
-    if "vae" not in results:
-        results["vae"] = json.loads((out / "vae" / "result.json").read_text())
     results.update(train_unet(engine, pixels, captions, cfg, out, config_text))
     if not (out / JUDGE_NAME).is_file() or not (out / "judge.json").is_file():
         judge_from = Path(args.judge_from) if args.judge_from else None

@@ -148,14 +148,15 @@ def test_euler_ancestral_matches_given_the_same_noise(denoise_and_trace, monkeyp
     _assert_close(final, ref_final, "final")
 
 
-@pytest.mark.parametrize("steps", [5, 20])
-def test_dpmpp_2m_matches_dpm_solver_multistep(denoise_and_trace, steps):
+def _check_dpmpp_2m(denoise_and_trace, steps: int, **prediction):
+    """DPMPP2MSampler against diffusers' 2nd-order DPM-Solver++ (``prediction``: the scheduler's
+    prediction_type, when not epsilon), step by step."""
     denoise_fn, trace = denoise_and_trace
     trace.clear()
     noise = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
     sampler = DPMPP2MSampler(discretization_config=DDPM, num_steps=steps)
     final = sampler(denoise_fn, Tensor(noise), COND).asnumpy()
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2, **prediction)
     scheduler.set_timesteps(steps)
     sigmas = scheduler.sigmas.numpy()
     # diffusers' DPM-Solver works on variance-preserving samples x_vp = x / sqrt(1 + sigma^2)
@@ -164,6 +165,11 @@ def test_dpmpp_2m_matches_dpm_solver_multistep(denoise_and_trace, steps):
     for i, ((ours, _), ref) in enumerate(zip(trace, states)):
         _assert_close(ours, ref, f"step {i}")
     _assert_close(final, ref_final, "final")
+
+
+@pytest.mark.parametrize("steps", [5, 20])
+def test_dpmpp_2m_matches_dpm_solver_multistep(denoise_and_trace, steps):
+    _check_dpmpp_2m(denoise_and_trace, steps)
 
 
 # step counts that divide 1000: otherwise diffusers' "trailing" rounds 1000 - k * 1000/n before
@@ -199,20 +205,7 @@ def test_v_prediction_euler_matches_euler_discrete(v_denoise_and_trace, steps):
 
 
 def test_v_prediction_dpmpp_2m_matches_dpm_solver_multistep(v_denoise_and_trace):
-    denoise_fn, trace = v_denoise_and_trace
-    trace.clear()
-    steps = 8
-    noise = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
-    final = DPMPP2MSampler(discretization_config=DDPM, num_steps=steps)(denoise_fn, Tensor(noise), COND).asnumpy()
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
-                                            prediction_type="v_prediction")
-    scheduler.set_timesteps(steps)
-    sigmas = scheduler.sigmas.numpy()
-    states, ref_final = _reference_run(scheduler, noise, steps,
-                                       lambda s, i: s * math.sqrt(1 + float(sigmas[i]) ** 2), variance_exploding=False)
-    for i, ((ours, _), ref) in enumerate(zip(trace, states)):
-        _assert_close(ours, ref, f"step {i}")
-    _assert_close(final, ref_final, "final")
+    _check_dpmpp_2m(v_denoise_and_trace, 8, prediction_type="v_prediction")
 
 
 @pytest.mark.parametrize("steps", [4, 20])
