@@ -45,7 +45,7 @@ def unet_config(config_path: Path = TINY_CONFIG) -> dict:
         addition_embed_type="text_time",
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=p.adm_in_channels,
-        norm_num_groups=32,
+        norm_num_groups=p.get("norm_num_groups", 32),
         upcast_attention=False,
     )
 
@@ -63,7 +63,7 @@ def vae_config(config_path: Path = TINY_CONFIG) -> dict:
         block_out_channels=tuple(dd.ch * m for m in dd.ch_mult),
         layers_per_block=dd.num_res_blocks,
         latent_channels=dd.z_channels,
-        norm_num_groups=32,
+        norm_num_groups=dd.get("norm_num_groups", 32),
         sample_size=dd.resolution,
         scaling_factor=p.scale_factor,
         force_upcast=False,

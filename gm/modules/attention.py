@@ -177,7 +177,7 @@ class BasicTransformerBlock(PyNativeCompilable, nn.Cell):
 class SpatialTransformer(nn.Cell):
     """Transformer over the pixels of an image feature map, conditioned on ``context``.
 
-    GroupNorm(32, eps 1e-6) -> ``proj_in`` -> ``transformer_blocks.N`` -> ``proj_out`` -> + input.
+    GroupNorm(``norm_groups``, default 32; eps 1e-6) -> ``proj_in`` -> ``transformer_blocks.N`` -> ``proj_out`` -> + input.
     With ``use_linear`` (SDXL) the projections are Linear layers applied to (B, H*W, C) tokens,
     otherwise 1x1 convolutions (SD 1.x); both keep the same parameter names.
     ``zero_init_output`` starts ``proj_out`` at zero (sgm), so a fresh transformer is the identity map.
@@ -185,11 +185,11 @@ class SpatialTransformer(nn.Cell):
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1,
                  context_dim: Optional[int] = None, dropout: float = 0.0, use_linear: bool = False,
-                 use_checkpoint: bool = False, zero_init_output: bool = True):
+                 use_checkpoint: bool = False, zero_init_output: bool = True, norm_groups: int = 32):
         super().__init__()
         inner = n_heads * d_head
         self.use_linear = use_linear
-        self.norm = GroupNorm(32, in_channels, eps=1e-6)
+        self.norm = GroupNorm(norm_groups, in_channels, eps=1e-6)
         if use_linear:
             self.proj_in = Linear(in_channels, inner)
             proj_out = Linear(inner, in_channels)

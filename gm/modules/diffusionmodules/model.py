@@ -66,9 +66,9 @@ class _Conv3x3(Conv2d):
         return super().construct(x)
 
 
-def normalize(channels: int) -> GroupNorm:
-    """The VAE's normalisation layer: GroupNorm with 32 groups and eps 1e-6."""
-    return _GroupNorm(32, channels, VAE_NORM_EPS)
+def normalize(channels: int, groups: int = 32) -> GroupNorm:
+    """The VAE's normalisation layer: GroupNorm with ``groups`` groups (SDXL: 32) and eps 1e-6."""
+    return _GroupNorm(groups, channels, VAE_NORM_EPS)
 
 
 def _pointwise(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -85,14 +85,15 @@ class ResnetBlock(nn.Cell):
         dropout: dropout probability between the convolutions (active only in training mode).
     """
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 norm_groups: int = 32):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = normalize(in_channels)
+        self.norm1 = normalize(in_channels, norm_groups)
         self.conv1 = _Conv3x3(in_channels, out_channels)
-        self.norm2 = normalize(out_channels)
+        self.norm2 = normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else Identity()
         self.conv2 = _Conv3x3(out_channels, out_channels)
         self.has_shortcut = in_channels != out_channels
@@ -108,10 +109,10 @@ class ResnetBlock(nn.Cell):
 class AttnBlock(nn.Cell):
     """Single-head self-attention over all H*W positions, with 1x1-conv q/k/v/proj_out, residual."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, norm_groups: int = 32):
         super().__init__()
         self.in_channels = in_channels
-        self.norm = normalize(in_channels)
+        self.norm = normalize(in_channels, norm_groups)
         self.q = Conv2d(in_channels, in_channels, 1)
         self.k = Conv2d(in_channels, in_channels, 1)
         self.v = Conv2d(in_channels, in_channels, 1)
@@ -208,11 +209,11 @@ class _UpLevel(_Level):
 class _Mid(nn.Cell):
     """``block_1`` -> ``attn_1`` -> ``block_2`` at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, norm_groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm_groups)
+        self.attn_1 = AttnBlock(channels, norm_groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm_groups)
 
     def construct(self, x: Tensor) -> Tensor:
         """(B, C, h, w) -> (B, C, h, w)."""
@@ -230,7 +231,8 @@ class Encoder(nn.Cell):
 
     Args follow sgm's ``ddconfig``: ``ch`` base width, ``ch_mult`` width per level,
     ``num_res_blocks`` per level, ``attn_resolutions`` resolutions (relative to ``resolution``)
-    that get attention after each block, ``double_z`` to output mean and logvar.
+    that get attention after each block, ``double_z`` to output mean and logvar; ``norm_num_groups``
+    (an extension, diffusers' name; SDXL: 32) the groups of every GroupNorm (see the UNet's).
     """
 
     def __init__(
@@ -249,6 +251,7 @@ class Encoder(nn.Cell):
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
         out_ch: int | None = None,
+        norm_num_groups: int = 32,
     ):
         super().__init__()
         _check_attn_type(attn_type, use_linear_attn)
@@ -266,17 +269,17 @@ class Encoder(nn.Cell):
             block_in, block_out = ch * in_mult[i], ch * ch_mult[i]
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_num_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_num_groups))
             last = i == self.num_resolutions - 1
             levels.append(_DownLevel(blocks, attns, None if last else Downsample(block_in)))
             if not last:
                 res //= 2
         self.down = nn.CellList(levels)
-        self.mid = _Mid(block_in, dropout)
-        self.norm_out = normalize(block_in)
+        self.mid = _Mid(block_in, dropout, norm_num_groups)
+        self.norm_out = normalize(block_in, norm_num_groups)
         self.conv_out = _Conv3x3(block_in, 2 * z_channels if double_z else z_channels)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -313,6 +316,7 @@ class Decoder(nn.Cell):
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
         double_z: bool = True,
+        norm_num_groups: int = 32,
     ):
         super().__init__()
         _check_attn_type(attn_type, use_linear_attn)
@@ -326,21 +330,21 @@ class Decoder(nn.Cell):
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (self.num_resolutions - 1)
         self.conv_in = _Conv3x3(z_channels, block_in)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, norm_num_groups)
         levels = [None] * self.num_resolutions
         for i in reversed(range(self.num_resolutions)):
             block_out = ch * ch_mult[i]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, dropout))
+                blocks.append(ResnetBlock(block_in, block_out, dropout, norm_num_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_num_groups))
             levels[i] = _UpLevel(blocks, attns, Upsample(block_in) if i != 0 else None)
             if i != 0:
                 res *= 2
         self.up = nn.CellList(levels)
-        self.norm_out = normalize(block_in)
+        self.norm_out = normalize(block_in, norm_num_groups)
         self.conv_out = _Conv3x3(block_in, out_ch)
 
     def construct(self, z: Tensor) -> Tensor:

@@ -19,8 +19,8 @@ from gm.modules.layers import Conv2d, Embedding, GroupNorm, Identity, Linear, Si
 from gm.modules.pynative_jit import PyNativeCompilable
 
 
-def _norm(channels: int) -> GroupNorm:
-    return GroupNorm(32, channels, eps=1e-5)
+def _norm(channels: int, groups: int = 32) -> GroupNorm:
+    return GroupNorm(groups, channels, eps=1e-5)
 
 
 class ResBlock(PyNativeCompilable, nn.Cell):
@@ -32,14 +32,14 @@ class ResBlock(PyNativeCompilable, nn.Cell):
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: Optional[int] = None,
-                 use_checkpoint: bool = False, zero_init_output: bool = True):
+                 use_checkpoint: bool = False, zero_init_output: bool = True, norm_groups: int = 32):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.SequentialCell([_norm(channels), SiLU(), Conv2d(channels, out_channels, 3, padding=1)])
+        self.in_layers = nn.SequentialCell([_norm(channels, norm_groups), SiLU(), Conv2d(channels, out_channels, 3, padding=1)])
         self.emb_layers = nn.SequentialCell([SiLU(), Linear(emb_channels, out_channels)])
         out_conv = Conv2d(out_channels, out_channels, 3, padding=1)
         self.out_layers = nn.SequentialCell([
-            _norm(out_channels), SiLU(), dropout_cell(dropout),
+            _norm(out_channels, norm_groups), SiLU(), dropout_cell(dropout),
             zero_module(out_conv) if zero_init_output else out_conv,
         ])
         self.skip_connection = Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
@@ -126,6 +126,10 @@ class UNetModel(nn.Cell):
     ``zero_init_residual_outputs`` (default True, sgm's init) starts ResBlock ``out_layers.3``,
     transformer ``proj_out`` and ``out.2`` at zero. False keeps their ordinary random init: needed
     when LoRA is trained on a randomly initialised base (with zeroed outputs every LoRA gradient is 0).
+    ``norm_num_groups`` (default 32, SDXL's; diffusers' ``norm_num_groups``) groups of every GroupNorm.
+    At SDXL's width the first level has 10 channels per group; a narrow model at 32 groups has one,
+    and its GroupNorms become instance norms that erase each channel's mean, so the network cannot
+    reproduce the noise's per-channel mean and its x0 estimate at high noise is off by ~sigma^2 / (H*W).
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class UNetModel(nn.Cell):
         legacy: bool = True,
         spatial_transformer_attn_type: str = "softmax",
         zero_init_residual_outputs: bool = True,
+        norm_num_groups: int = 32,
     ):
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
@@ -170,7 +175,8 @@ class UNetModel(nn.Cell):
         self.num_classes = num_classes
         self._block_args = dict(dropout=dropout, use_checkpoint=use_checkpoint, num_heads=num_heads,
                                 num_head_channels=num_head_channels, legacy=legacy, context_dim=context_dim,
-                                use_linear=use_linear_in_transformer, zero_init=zero_init_residual_outputs)
+                                use_linear=use_linear_in_transformer, zero_init=zero_init_residual_outputs,
+                                norm_groups=norm_num_groups)
         time_embed_dim = model_channels * 4
         self.time_embed = nn.SequentialCell([
             Linear(model_channels, time_embed_dim), SiLU(), Linear(time_embed_dim, time_embed_dim)])
@@ -185,7 +191,7 @@ class UNetModel(nn.Cell):
         self.output_blocks, ch = self._build_output_blocks(time_embed_dim, depth, skip_channels, ch)
         out_conv = Conv2d(model_channels, out_channels, 3, padding=1)
         self.out = nn.SequentialCell([
-            _norm(ch), SiLU(), zero_module(out_conv) if zero_init_residual_outputs else out_conv])
+            _norm(ch, norm_num_groups), SiLU(), zero_module(out_conv) if zero_init_residual_outputs else out_conv])
 
     @staticmethod
     def _label_embedding(num_classes, adm_in_channels, time_embed_dim) -> Optional[nn.Cell]:
@@ -203,7 +209,7 @@ class UNetModel(nn.Cell):
     def _resblock(self, channels: int, emb_channels: int, out_channels: int) -> ResBlock:
         args = self._block_args
         return ResBlock(channels, emb_channels, args["dropout"], out_channels, args["use_checkpoint"],
-                        zero_init_output=args["zero_init"])
+                        zero_init_output=args["zero_init"], norm_groups=args["norm_groups"])
 
     def _transformer(self, ch: int, depth: int) -> SpatialTransformer:
         args = self._block_args
@@ -214,7 +220,8 @@ class UNetModel(nn.Cell):
         if args["legacy"]:
             dim_head = ch // heads
         return SpatialTransformer(ch, heads, dim_head, depth, args["context_dim"], args["dropout"],
-                                  args["use_linear"], args["use_checkpoint"], zero_init_output=args["zero_init"])
+                                  args["use_linear"], args["use_checkpoint"], zero_init_output=args["zero_init"],
+                                  norm_groups=args["norm_groups"])
 
     def _build_input_blocks(self, emb_dim: int, depth: list):
         blocks = [TimestepEmbedSequential([Conv2d(self.in_channels, self.model_channels, 3, padding=1)])]
