@@ -177,7 +177,8 @@ class BasicTransformerBlock(PyNativeCompilable, nn.Cell):
 class SpatialTransformer(nn.Cell):
     """Transformer over the pixels of an image feature map, conditioned on ``context``.
 
-    GroupNorm(``norm_groups``, default 32; eps 1e-6) -> ``proj_in`` -> ``transformer_blocks.N`` -> ``proj_out`` -> + input.
+    GroupNorm(``norm_groups``, default 32; eps 1e-6) -> ``proj_in`` -> ``transformer_blocks.N`` -> ``proj_out``
+    -> + input.
     With ``use_linear`` (SDXL) the projections are Linear layers applied to (B, H*W, C) tokens,
     otherwise 1x1 convolutions (SD 1.x); both keep the same parameter names.
     ``zero_init_output`` starts ``proj_out`` at zero (sgm), so a fresh transformer is the identity map.

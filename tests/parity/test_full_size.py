@@ -92,6 +92,23 @@ def test_full_size_engine_names_are_official(engine):
     assert len(names) == 1680 + 248 + 196 + 390
 
 
+def test_full_size_group_norms_have_sdxl_groups(engine):
+    """Every GroupNorm of the full-size UNet and VAE has SDXL's 32 groups (norm_num_groups defaults to
+    it; the tiny config's 8 must not leak into the official model: names and shapes would not show it)."""
+    from gm.modules.layers import GroupNorm
+
+    groups = {}
+    for name, cell in engine.cells_and_names():
+        if isinstance(cell, GroupNorm):
+            groups[name] = cell.num_groups
+    unet = [n for n in groups if n.startswith("model.diffusion_model.")]
+    vae = [n for n in groups if n.startswith("first_stage_model.")]
+    # SDXL base: UNet 2 per ResBlock (6 down, 2 middle, 9 up), 11 transformers, `out`: 46;
+    # VAE encoder 2 x 8 blocks + middle 5 + norm_out, decoder 2 x 12 blocks + middle 5 + norm_out: 52
+    assert len(unet) == 46 and len(vae) == 52, (len(unet), len(vae))
+    assert set(groups.values()) == {32}
+
+
 # sha256 of the sorted "name:shape" lines of the reference's (mindone) key list for SDXL base
 # (examples/stable_diffusion_xl/tools/model_conversion/mindspore_key_base.yaml, 2,514 lines, read
 # 2026-12-01), the list its converter writes sd_xl_base_1.0_ms.ckpt under

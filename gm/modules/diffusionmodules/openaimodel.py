@@ -35,7 +35,8 @@ class ResBlock(PyNativeCompilable, nn.Cell):
                  use_checkpoint: bool = False, zero_init_output: bool = True, norm_groups: int = 32):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.SequentialCell([_norm(channels, norm_groups), SiLU(), Conv2d(channels, out_channels, 3, padding=1)])
+        self.in_layers = nn.SequentialCell([
+            _norm(channels, norm_groups), SiLU(), Conv2d(channels, out_channels, 3, padding=1)])
         self.emb_layers = nn.SequentialCell([SiLU(), Linear(emb_channels, out_channels)])
         out_conv = Conv2d(out_channels, out_channels, 3, padding=1)
         self.out_layers = nn.SequentialCell([
