@@ -145,10 +145,10 @@ def test_bad_flag_values_give_one_line_errors(tiny_weights, tmp_path, flags, exp
 
 
 def test_img2img_keeps_more_of_the_input_at_lower_strength(tiny_weights, tmp_path):
-    # the shipped toy-world base (same tiny config), whose trained VAE reconstructs the input: a random
-    # VAE may not, and then strength says nothing (measured: mean distance 41 at 0.25, 66 at 1.0)
+    # smooth colour gradients through the shipped toy-world base (same tiny config): its trained VAE
+    # reconstructs them, a random VAE may not, and then strength says nothing (measured: mean distance
+    # 41 at strength 0.25, 66 at 1.0)
     weight = tiny_weights.config.parents[2] / "gm" / "pretrained" / "sd_xl_toy_world.safetensors"
-    # an input image the VAE reconstructs reasonably: smooth colour gradients
     ramp = np.linspace(0, 255, SIZE, dtype=np.float32)
     source = np.stack([np.tile(ramp, (SIZE, 1)), np.tile(ramp[:, None], (1, SIZE)),
                        np.full((SIZE, SIZE), 128.0)], axis=-1).astype(np.uint8)

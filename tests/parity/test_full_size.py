@@ -97,10 +97,7 @@ def test_full_size_group_norms_have_sdxl_groups(engine):
     it; the tiny config's 8 must not leak into the official model: names and shapes would not show it)."""
     from gm.modules.layers import GroupNorm
 
-    groups = {}
-    for name, cell in engine.cells_and_names():
-        if isinstance(cell, GroupNorm):
-            groups[name] = cell.num_groups
+    groups = {name: cell.num_groups for name, cell in engine.cells_and_names() if isinstance(cell, GroupNorm)}
     unet = [n for n in groups if n.startswith("model.diffusion_model.")]
     vae = [n for n in groups if n.startswith("first_stage_model.")]
     # SDXL base: UNet 2 per ResBlock (6 down, 2 middle, 9 up), 11 transformers, `out`: 46;
