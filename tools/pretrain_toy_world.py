@@ -250,8 +250,9 @@ def train_vae(engine, pixels: np.ndarray, cfg, out: Path, config_text: str) -> D
         crops = np.stack([pixels[j, :, y:y + crop, x:x + crop] for j, (y, x) in zip(idx, corners)])
         return crops, rng.standard_normal((len(idx), vae.embed_dim, latent, latent), dtype=np.float32)
 
-    return run_stage("vae", out, step, batch, cfg.vae.steps, LRSchedule("constant", 0, cfg.vae.steps),
-                     cfg.save, config_text)
+    # configs before the VAE had a schedule trained it at a constant rate
+    schedule = LRSchedule(cfg.vae.get("lr_scheduler", "constant"), cfg.vae.get("lr_warmup_steps", 0), cfg.vae.steps)
+    return run_stage("vae", out, step, batch, cfg.vae.steps, schedule, cfg.save, config_text)
 
 
 def encode_all(engine, pixels: np.ndarray, chunk: int = 64) -> Tuple[np.ndarray, np.ndarray]:
