@@ -155,7 +155,8 @@ def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence],
     start = time.perf_counter()
     with log.open("a") as log_file:
         for step in tqdm(range(first, steps), desc=name, initial=first, total=steps):
-            out_ = step_cell(step_cell.learning_rates(schedule(step)), *(Tensor(a) for a in batch(step)))
+            rate = schedule(step)
+            out_ = step_cell(step_cell.learning_rates(rate), *(Tensor(a) for a in batch(step)))
             loss, first_part, second_part = (float(t.asnumpy()) for t in out_[:3])
             if not np.isfinite(loss):
                 raise ConfigError(f"{name} step {step + 1}: the loss is {loss}; lower the learning rate in the "
@@ -165,7 +166,8 @@ def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence],
             if done % save_cfg.log_every == 0 or done == steps:
                 means = np.mean(recent, axis=0)
                 log_file.write(json.dumps({"step": done, "loss": means[0], "parts": means[1:].tolist(),
-                                           "seconds": round(time.perf_counter() - start, 1)}) + "\n")
+                                           "lr_scale": rate, "seconds": round(time.perf_counter() - start, 1)})
+                               + "\n")
                 log_file.flush()
             if done % save_cfg.state_every == 0 or done == steps:
                 save_state(folder, done, step_cell.state_arrays(), {"stage": name}, config_text)
@@ -187,7 +189,7 @@ def check_same_stage_config(name: str, state_path: Path, saved_text: str, config
     saved, current = (OmegaConf.to_container(OmegaConf.create(text)[name], resolve=True)
                       for text in (saved_text, config_text))
     changes = config_changes(saved, current)
-    if [key for key, _, _ in changes] == ["steps"] and current.get("lr_scheduler") in (
+    if [key for key, _, _ in changes] == ["steps"] and current.get("lr_scheduler", "constant") in (
             "constant", "constant_with_warmup"):
         return
     if changes:

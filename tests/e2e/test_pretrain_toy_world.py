@@ -3,6 +3,7 @@ official-layout fp16 single file that loads into the tiny model, a judge and a m
 rerun resumes instead of retraining, and one with another step count on the decaying learning rate
 is refused; a warm restart (--unet_refine_steps) trains the finished UNet on."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,9 @@ def test_the_result_is_an_official_single_file_of_the_tiny_model(pretrained):
         assert text in card, text
     assert (pretrained / "toy_world_judge.safetensors").is_file() and (pretrained / "base_samples.png").is_file()
     assert (pretrained / "unet" / "vae_moments.npz").is_file()  # a resumed UNet stage does not re-encode
+    # the VAE anneals its learning rate (vae.lr_scheduler: cosine, no warmup; 2 steps: 1, then 0.5)
+    scales = [json.loads(line)["lr_scale"] for line in (pretrained / "vae" / "log.jsonl").read_text().splitlines()]
+    assert scales == [1.0, 0.5], scales
 
 
 def test_a_rerun_resumes_and_a_changed_schedule_is_refused(pretrained):
