@@ -12,14 +12,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 JUDGE = "gm/pretrained/toy_world_judge.safetensors"
-# Measured 2026-12-05 (2 CPU cores, the shipped base with 8-group GroupNorms, 400 LoRA steps at batch 4,
-# 20 sampler steps, 32 images per prompt set): subject fidelity 0.199 -> 0.350 with the prior (0.353
-# without; the instance photos' own: 0.952); class accuracy 0.812 before, 0.594 after with the prior,
-# 0.469 without; class images read as the subject: 0.000 before, 0.031 with the prior, 0.125 without.
-# Margins: about half of each measured change (32 images: 0.03125 is one image).
-MIN_FIDELITY_GAIN = 0.07
-MIN_CLASS_ACCURACY_KEPT = 0.06
-MIN_SUBJECT_LEAK_AVOIDED = 0.045
+# Measured 2026-12-05, 19th session (2 CPU cores, the shipped base with its 3000-step cosine VAE and its
+# own judge, 400 LoRA steps at batch 4, 20 sampler steps, 32 images per prompt set): subject fidelity
+# 0.303 -> 0.387 with the prior (0.383 without; the photos' VAE round trip: 0.757); class accuracy 0.969
+# before, 0.875 after with the prior, 0.562 without; class images read as the subject: 0.000 before,
+# 0.000 with the prior, 0.344 without. Margins: about half of each measured change (32 images: 0.03125
+# is one image).
+MIN_FIDELITY_GAIN = 0.04
+MIN_CLASS_ACCURACY_KEPT = 0.15
+MIN_SUBJECT_LEAK_AVOIDED = 0.17
 
 
 def _main_command(root: Path, with_prior: bool) -> dict:
