@@ -181,6 +181,18 @@ def run_stage(name: str, out: Path, step_cell, batch: Callable[[int], Sequence],
             "seconds": stage_seconds(log, steps)}
 
 
+def stage_scheduler(section) -> str:
+    """A stage's ``lr_scheduler``; stage configs written before they had one trained at a constant rate."""
+    return section.get("lr_scheduler", "constant")
+
+
+def stage_schedule(section):
+    """The learning-rate multiplier of a stage config section (``steps``, ``lr_scheduler``, ``lr_warmup_steps``)."""
+    from gm.optim import LRSchedule
+
+    return LRSchedule(stage_scheduler(section), section.get("lr_warmup_steps", 0), section.steps)
+
+
 def check_same_stage_config(name: str, state_path: Path, saved_text: str, config_text: str) -> None:
     """A stage resumes only under the settings it was trained with; ``steps`` may differ only on a
     constant learning rate (a decaying one was planned for the saved run's length)."""
@@ -189,7 +201,7 @@ def check_same_stage_config(name: str, state_path: Path, saved_text: str, config
     saved, current = (OmegaConf.to_container(OmegaConf.create(text)[name], resolve=True)
                       for text in (saved_text, config_text))
     changes = config_changes(saved, current)
-    if [key for key, _, _ in changes] == ["steps"] and current.get("lr_scheduler", "constant") in (
+    if [key for key, _, _ in changes] == ["steps"] and stage_scheduler(current) in (
             "constant", "constant_with_warmup"):
         return
     if changes:
@@ -229,7 +241,7 @@ def trainable_only(cells: Sequence, engine) -> list:
 
 def train_vae(engine, pixels: np.ndarray, cfg, out: Path, config_text: str) -> Dict[str, float]:
     from gm.models.autoencoder import AutoencoderLoss
-    from gm.optim import LRSchedule, build_optimizer
+    from gm.optim import build_optimizer
     from gm.train_step import TrainStep
 
     vae = engine.first_stage_model
@@ -252,9 +264,7 @@ def train_vae(engine, pixels: np.ndarray, cfg, out: Path, config_text: str) -> D
         crops = np.stack([pixels[j, :, y:y + crop, x:x + crop] for j, (y, x) in zip(idx, corners)])
         return crops, rng.standard_normal((len(idx), vae.embed_dim, latent, latent), dtype=np.float32)
 
-    # configs before the VAE had a schedule trained it at a constant rate
-    schedule = LRSchedule(cfg.vae.get("lr_scheduler", "constant"), cfg.vae.get("lr_warmup_steps", 0), cfg.vae.steps)
-    return run_stage("vae", out, step, batch, cfg.vae.steps, schedule, cfg.save, config_text)
+    return run_stage("vae", out, step, batch, cfg.vae.steps, stage_schedule(cfg.vae), cfg.save, config_text)
 
 
 def encode_all(engine, pixels: np.ndarray, chunk: int = 64) -> Tuple[np.ndarray, np.ndarray]:
@@ -335,7 +345,7 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path,
     from gm.frozen_inputs import sample_latents
     from gm.modules.cpu_kernels import fold_batch_into_matmul
     from gm.modules.diffusionmodules.loss import CaptionDropConditioning, DreamBoothLoss, sample_noise_and_sigmas
-    from gm.optim import LRSchedule, build_optimizer, parameter_groups
+    from gm.optim import build_optimizer, parameter_groups
     from gm.train_step import TrainStep
 
     # the posterior of every photo (eager; 8192 photos in ~1.5 min on 2 cores with the oneDNN
@@ -389,12 +399,12 @@ def train_unet(engine, pixels: np.ndarray, captions: List[str], cfg, out: Path,
         return latents, noise, sigmas, ctx.astype(np.float32), vec.astype(np.float32)
 
     results = {"unet": run_stage("unet", out, step, batches(2), u.steps,
-                                 LRSchedule(u.lr_scheduler, u.lr_warmup_steps, u.steps), cfg.save, config_text)}
+                                 stage_schedule(u), cfg.save, config_text)}
     r = cfg.get("unet_refine")
     if r is not None and r.steps > 0:
         # A warm restart: the same step (its Adam moments carry over) on fresh batches, under a new
         # schedule of its own peak, so a finished cosine run trains on without starting over.
-        restart = LRSchedule(r.lr_scheduler, r.lr_warmup_steps, r.steps)
+        restart = stage_schedule(r)
         scale = r.learning_rate / u.learning_rate
         results["unet_refine"] = run_stage("unet_refine", out, step, batches(3), r.steps,
                                            lambda i: scale * restart(i), cfg.save, config_text)
