@@ -427,10 +427,11 @@ def vae_round_trip(engine, images: np.ndarray, chunk: int = 64) -> np.ndarray:
 
 def _judge_photos_seen_through_vae(engine, cfg, count: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """:func:`gm.metrics.toy_world.judge_photos`, a ``judge.vae_share`` of them as the VAE
-    reproduces them: the judge reads generated images, which can be no sharper than that."""
+    reproduces them: the judge reads generated images, which can be no sharper than that. Drawn at
+    the world's resolution, as the VAE and the samples see the world."""
     from gm.metrics.toy_world import judge_photos
 
-    images, targets = judge_photos(count, seed)
+    images, targets = judge_photos(count, seed, cfg.data.resolution)
     chosen = np.random.default_rng([seed, 0x5AE]).random(len(images)) < cfg.judge.vae_share
     if chosen.any():
         images = images.copy()

@@ -86,10 +86,11 @@ def image_features(images) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32)
 
 
-def judge_photos(count_per_label: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def judge_photos(count_per_label: int, seed: int, size: int = SIZE) -> Tuple[np.ndarray, np.ndarray]:
     """Balanced photos for training/testing the judge: ``count_per_label`` of each world class and of
-    the subject, drawn from ``seed``: uint8 (N, 64, 64, 3) and targets (N, 3), the index of the
-    label, colour and pattern in :data:`HEADS`."""
+    the subject, drawn from ``seed``: uint8 (N, size, size, 3) and targets (N, 3), the index of the
+    label, colour and pattern in :data:`HEADS`. ``size`` is the world's resolution (the judge reads
+    every image at 64 x 64, but a VAE of a 128-pixel world must round-trip them at 128)."""
     from PIL import ImageFilter
 
     from gm.data.toy_subject import render_toy_photo
@@ -102,20 +103,20 @@ def judge_photos(count_per_label: int, seed: int) -> Tuple[np.ndarray, np.ndarra
 
     def add(photo, attributes: Dict[str, str]) -> None:
         if blur_rng.random() < 0.5:
-            photo = photo.filter(ImageFilter.GaussianBlur(float(blur_rng.uniform(0.4, 1.5))))
+            photo = photo.filter(ImageFilter.GaussianBlur(float(blur_rng.uniform(0.4, 1.5)) * size / SIZE))
         images.append(np.asarray(photo))
         targets.append([HEADS[head].index(attributes[head]) for head in HEADS])
 
     counts = dict.fromkeys(CLASSES, 0)
     index = 0
     while min(counts.values()) < count_per_label:
-        photo, item = render_world_photo(index, size=SIZE, seed=seed)
+        photo, item = render_world_photo(index, size=size, seed=seed)
         index += 1
         if counts[item.cls] < count_per_label:
             counts[item.cls] += 1
             add(photo, {"label": item.cls, "colour": item.colour, "pattern": item.pattern})
     for i in range(count_per_label):
-        add(render_toy_photo(i, size=SIZE, seed=seed)[0], SUBJECT_ATTRIBUTES)
+        add(render_toy_photo(i, size=size, seed=seed)[0], SUBJECT_ATTRIBUTES)
     return np.stack(images), np.array(targets, np.int64)
 
 

@@ -44,6 +44,14 @@ def judged():
     return ToyWorldJudge.fit(images, targets, epochs=20, seed=0), test_images, test_targets
 
 
+def test_judge_photos_follow_the_world_resolution():
+    # a 128-pixel world's VAE must round-trip the judge's photos at 128: the same items, drawn larger
+    small, small_targets = judge_photos(2, seed=5)
+    large, large_targets = judge_photos(2, seed=5, size=128)
+    assert small.shape == (len(small_targets), 64, 64, 3) and large.shape == (len(small_targets), 128, 128, 3)
+    np.testing.assert_array_equal(large_targets, small_targets)
+
+
 def test_judge_reads_held_out_photos(judged):
     judge, images, targets = judged
     accuracy = np.mean(judge.predict(images) == np.array(LABELS)[targets[:, 0]])
