@@ -193,12 +193,17 @@ def stage_schedule(section):
     return LRSchedule(stage_scheduler(section), section.get("lr_warmup_steps", 0), section.steps)
 
 
+# Settings added to a stage after runs were saved without them: their value in those runs.
+STAGE_DEFAULTS = {"vae": {"noise_warmup_steps": 0}}
+
+
 def check_same_stage_config(name: str, state_path: Path, saved_text: str, config_text: str) -> None:
     """A stage resumes only under the settings it was trained with; ``steps`` may differ only on a
     constant learning rate (a decaying one was planned for the saved run's length)."""
     from gm.run_folder import config_changes
 
-    saved, current = (OmegaConf.to_container(OmegaConf.create(text)[name], resolve=True)
+    defaults = STAGE_DEFAULTS.get(name, {})
+    saved, current = ({**defaults, **OmegaConf.to_container(OmegaConf.create(text)[name], resolve=True)}
                       for text in (saved_text, config_text))
     changes = config_changes(saved, current)
     if [key for key, _, _ in changes] == ["steps"] and stage_scheduler(current) in (
@@ -255,16 +260,25 @@ def train_vae(engine, pixels: np.ndarray, cfg, out: Path, config_text: str) -> D
     crop = int(cfg.vae.get("crop") or pixels.shape[2])
     if crop % 8 or not 8 <= crop <= pixels.shape[2]:
         raise ConfigError(f"vae.crop {crop}: must be a multiple of 8 from 8 to data.resolution {pixels.shape[2]}")
-    latent = crop // 8
+    return run_stage("vae", out, step, lambda i: vae_batch(pixels, cfg, i, crop, vae.embed_dim), cfg.vae.steps,
+                     stage_schedule(cfg.vae), cfg.save, config_text)
 
-    def batch(i: int):
-        rng = np.random.default_rng([cfg.data.seed, 1, i])
-        idx = rng.integers(0, len(pixels), cfg.vae.batch_size)
-        corners = rng.integers(0, pixels.shape[2] - crop + 1, (len(idx), 2))
-        crops = np.stack([pixels[j, :, y:y + crop, x:x + crop] for j, (y, x) in zip(idx, corners)])
-        return crops, rng.standard_normal((len(idx), vae.embed_dim, latent, latent), dtype=np.float32)
 
-    return run_stage("vae", out, step, batch, cfg.vae.steps, stage_schedule(cfg.vae), cfg.save, config_text)
+def vae_batch(pixels: np.ndarray, cfg, step: int, crop: int, channels: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The VAE stage's batch ``step``: random ``crop`` squares of the photos and the posterior's noise
+    (``channels`` latent channels), drawn from ``(data.seed, step)``. Over the first
+    ``vae.noise_warmup_steps`` the noise grows linearly from 0: a fresh encoder's latents are far
+    smaller than the unit noise of its initial posterior, which then hides the photo from the
+    decoder (measured: held-out MAE 24.2/255 after 500 steps without the noise, 27.4-28.7 with it)."""
+    rng = np.random.default_rng([cfg.data.seed, 1, step])
+    idx = rng.integers(0, len(pixels), cfg.vae.batch_size)
+    corners = rng.integers(0, pixels.shape[2] - crop + 1, (len(idx), 2))
+    crops = np.stack([pixels[j, :, y:y + crop, x:x + crop] for j, (y, x) in zip(idx, corners)])
+    noise = rng.standard_normal((len(idx), channels, crop // 8, crop // 8), dtype=np.float32)
+    warmup = int(cfg.vae.get("noise_warmup_steps", 0))
+    if step < warmup:
+        noise *= step / warmup
+    return crops, noise
 
 
 def encode_all(engine, pixels: np.ndarray, chunk: int = 64) -> Tuple[np.ndarray, np.ndarray]:
