@@ -5,8 +5,9 @@ neither exists offline, and neither knows the toy world. This judge plays their 
 hand-made shape and colour features (gradient-orientation histograms over a grid, i.e. HOG,
 plus a colour histogram and an 8x8 colour layout) feed a one-hidden-layer classifier trained
 with numpy on freshly drawn photos of the world's classes and of the subject (another seed than
-the pretraining photos and the instance photos, so neither was seen). Its hidden layer is the
-embedding for the paper-style set metrics of :mod:`gm.metrics.similarity`:
+the pretraining photos and the instance photos, so neither was seen). Its heads' probabilities
+(label, colour, pattern; :meth:`ToyWorldJudge.embed`) are the embedding for the paper-style set
+metrics of :mod:`gm.metrics.similarity`, so cosines compare objects, not backgrounds or poses:
 
 * subject fidelity: mean cosine between generated and real subject photos (the paper's DINO);
 * class diversity: 1 - mean cosine between distinct generated class photos (the paper's DIV);
