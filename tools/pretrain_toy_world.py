@@ -275,7 +275,7 @@ def vae_batch(pixels: np.ndarray, cfg, step: int, crop: int, channels: int) -> T
     corners = rng.integers(0, pixels.shape[2] - crop + 1, (len(idx), 2))
     crops = np.stack([pixels[j, :, y:y + crop, x:x + crop] for j, (y, x) in zip(idx, corners)])
     noise = rng.standard_normal((len(idx), channels, crop // 8, crop // 8), dtype=np.float32)
-    warmup = int(cfg.vae.get("noise_warmup_steps", 0))
+    warmup = int(cfg.vae.get("noise_warmup_steps", STAGE_DEFAULTS["vae"]["noise_warmup_steps"]))
     if step < warmup:
         noise *= step / warmup
     return crops, noise
