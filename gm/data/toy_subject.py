@@ -33,6 +33,13 @@ _GREEN, _GREY, _NAVY, _INK = (40, 160, 110), (120, 124, 130), (36, 44, 88), (25,
 Color = Tuple[int, int, int]
 
 
+# The robot's height as a share of the frame: the range the toy world draws its own robots at
+# (gm.data.toy_world), so the base has learned toys of this size. Drawn at 0.42-0.7 (until the 22nd
+# session), its 3-pixel stripes fell inside one 8x8 latent cell at 64x64 and even the 24000-step VAE
+# returned an orange blob; at this size its round trip keeps the stripes.
+SUBJECT_HEIGHT = (0.55, 0.85)
+
+
 def _jitter(rng: np.random.Generator, color: Color, amount: int = 18) -> Color:
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
 
@@ -133,7 +140,7 @@ def render_toy_photo(index: int, *, size: int = 128, seed: int = 0) -> Tuple[Ima
     horizon = int(canvas * rng.uniform(0.45, 0.62))
     scene = _background(kind, canvas, horizon, rng).convert("RGBA")
 
-    height = int(canvas * rng.uniform(0.42, 0.7))
+    height = int(canvas * rng.uniform(*SUBJECT_HEIGHT))
     robot = _robot(max(2, height // 16)).rotate(float(rng.uniform(-15, 15)), Image.Resampling.BICUBIC, expand=True)
     width = robot.width
     left = int(rng.uniform(0.02, 0.98) * max(1, canvas - width))
