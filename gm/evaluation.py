@@ -93,7 +93,7 @@ class SubjectEvaluation:
 
 
 def subject_prompts(instance_prompt: str, suffixes: Sequence[str], count: int) -> List[str]:
-    """``count`` prompts: the instance prompt + each suffix in turn ("a photo of sks toy" + " on a beach")."""
+    """``count`` prompts: the instance prompt + each suffix in turn ("a photo of a sks toy" + " on a beach")."""
     return [f"{instance_prompt} {suffixes[i % len(suffixes)]}".strip() for i in range(count)]
 
 

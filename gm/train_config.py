@@ -203,7 +203,7 @@ class EvalSection:
     class_label: str = setting("toy", flag="eval_class_token", resumable=True,
                                check=Check(bool, "must name the subject's class"),
                                help="the subject's class (the judge's label; {1} of --eval_prompts)")
-    # each: the instance prompt, then a scene ("a photo of sks toy" + " on a beach")
+    # each: the instance prompt, then a scene ("a photo of a sks toy" + " on a beach")
     subject_prompt_suffixes: List[str] = setting(["on a beach", "on a lawn", "on a wooden table",
                                                   "on a checkered tablecloth"], resumable=True)
     num_images: int = setting(16, flag="eval_num_images", check=at_least(2), resumable=True,

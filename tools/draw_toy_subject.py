@@ -2,7 +2,7 @@
 
     python tools/draw_toy_subject.py --out outputs/toy_subject --num_images 5 --size 128 --seed 0
 
-Train on it with ``--instance_data_path outputs/toy_subject --instance_prompt "a photo of sks toy"``
+Train on it with ``--instance_data_path outputs/toy_subject --instance_prompt "a photo of a sks toy"``
 (class prompt: "a photo of a toy"). The same seed always draws the same photos.
 """
 

@@ -20,7 +20,10 @@ from gm.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 
-TOY_INSTANCE_PROMPT = "a photo of sks toy"
+# The DreamBooth paper's template, "a [V] [class]": in the toy world's text encoders "sks" alone in place of
+# the article leaves the prompt at cosine 0.999 to the class prompt, which the prior then pulls back to the
+# class; as an extra word before the class noun (where colours go) it reads 0.92 (README, quick start).
+TOY_INSTANCE_PROMPT = "a photo of a sks toy"
 TOY_CLASS_PROMPT = "a photo of a toy"
 BACKGROUNDS = ("wooden table", "beach", "checkered tablecloth", "lawn", "grey studio backdrop")
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG"}

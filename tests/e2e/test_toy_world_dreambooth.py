@@ -13,13 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 JUDGE = "gm/pretrained/toy_world_judge.safetensors"
 # Measured 2026-12-06, 23rd session (2 CPU cores, the shipped base with its 24000-step VAE and its own judge,
-# the subject drawn at the world's robot height, 400 LoRA steps at batch 4, 20 sampler steps, 32 images per
-# prompt set): subject fidelity 0.123 -> 0.488 with the prior (0.790 without; the photos' VAE round trip:
-# 0.995); class accuracy 1.000 before, 0.688 after with the prior, 0.125 without; class images read as the
-# subject: 0.000 before, 0.219 with the prior, 0.688 without. Margins: about half of each measured change
-# (32 images: 0.03125 is one image).
+# the subject drawn at the world's robot height, instance prompt "a photo of a sks toy", 400 LoRA steps at
+# batch 4, 20 sampler steps, 32 images per prompt set): subject fidelity 0.409 -> 0.774 with the prior (0.686
+# without; the photos' own 1.000, their VAE round trip 0.995); class accuracy 1.000 before, 0.812 after with
+# the prior, 0.188 without; class images read as the subject: 0.000 before, 0.031 with the prior, 0.500
+# without. Margins: about half of each measured change (32 images: 0.03125 is one image).
 MIN_FIDELITY_GAIN = 0.18
-MIN_CLASS_ACCURACY_KEPT = 0.28
+MIN_CLASS_ACCURACY_KEPT = 0.31
 MIN_SUBJECT_LEAK_AVOIDED = 0.23
 
 
@@ -29,7 +29,7 @@ def _main_command(root: Path, with_prior: bool) -> dict:
         subprocess.run([sys.executable, "tools/draw_toy_subject.py", "--out", str(subject)], cwd=REPO, check=True,
                        capture_output=True)
     save = root / ("with_prior" if with_prior else "without_prior")
-    args = ["train_dreambooth.py", "--instance_data_path", str(subject), "--instance_prompt", "a photo of sks toy",
+    args = ["train_dreambooth.py", "--instance_data_path", str(subject), "--instance_prompt", "a photo of a sks toy",
             "--save_path", str(save), "--eval_toy_world_judge", JUDGE]
     if with_prior:
         args += ["--class_data_path", str(root / "class_toy"), "--class_prompt", "a photo of a toy"]

@@ -226,14 +226,14 @@ def toy_folders(tmp_path_factory):
 
 
 def test_batches_with_and_without_prior_preservation(toy_folders):
-    data = DreamBoothDataset(toy_folders / "instance", "a photo of sks toy", class_dir=toy_folders / "class",
+    data = DreamBoothDataset(toy_folders / "instance", "a photo of a sks toy", class_dir=toy_folders / "class",
                              class_prompt="a photo of a toy", resolution=32, repeats=2, random_flip=True)
     assert len(data) == 6 and data.with_prior_preservation
     batch = data.batch(0, batch_size=4)
     assert batch["instance_pixels"].shape == batch["class_pixels"].shape == (4, 3, 32, 32)
     assert batch["instance_pixels"].dtype == np.float32
     assert -1.0 <= batch["instance_pixels"].min() and batch["instance_pixels"].max() <= 1.0
-    assert all(p.startswith("a photo of sks toy on a ") for p in batch["instance_prompts"])  # sidecars
+    assert all(p.startswith("a photo of a sks toy on a ") for p in batch["instance_prompts"])  # sidecars
     for kind in ("instance", "class"):
         for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"):
             assert batch[f"{kind}_{key}"].shape == (4, 2) and batch[f"{kind}_{key}"].dtype == np.float32
